@@ -1,0 +1,192 @@
+"""The communication room: group communicators and the one stacked Allreduce.
+
+This is the only module that imports mpi4py. It knows nothing of batch norm
+formulas: it builds one communicator per process group, owns the layout of
+the buffer that travels, performs the Allreduce, and turns problems that
+any rank reported into the same exception on every rank.
+
+Buffer layout (``RowExchange``): a float64 array of shape (P, width), one
+row per rank of the group, P the group size::
+
+    row r = [status_r, count_r, detail_r(8), payload_r(k * C)]
+
+Each rank writes only its own row and leaves the others zero; the Allreduce
+is a SUM. Adding zeros is exact in IEEE arithmetic, so after the reduction
+every rank holds every rank's row *bit for bit*, whatever order or tree the
+MPI library used to add them. The caller then combines the rows in rank
+order itself, so every rank of a group computes bitwise the same statistics
+and reruns are reproducible. The price is P rows instead of one: P * (2C + 10)
+numbers, still nothing next to the activations for any realistic P.
+
+The count travels in the buffer, so uneven and empty shards combine exactly
+(never divide by the number of ranks). ``status_r`` is non-zero when rank r
+found a problem in its own input: it still joins the collective, so nobody
+hangs, and then every rank raises the same exception (``raise_agreed``).
+"""
+import numpy as np
+from mpi4py import MPI
+
+from .errors import N_DETAILS, Problem
+
+__all__ = ["GroupComm", "RowExchange", "group_comm_for", "validate_process_groups"]
+
+HEADER = 2 + N_DETAILS   # status, count, details
+
+
+def validate_process_groups(process_groups, size):
+    """Check MindSpore's ``process_groups`` argument against a comm of ``size``.
+
+    TypeError for a non-list (the seed contract) or a non-list entry;
+    ValueError for non-int ids, ids outside [0, size), repeated ids and
+    empty groups. Returns a tuple of sorted tuples (the canonical form).
+    """
+    if process_groups is None:
+        return None
+    if not isinstance(process_groups, list):
+        raise TypeError(f"process_groups must be a list of lists of rank ids or None, "
+                        f"got {type(process_groups).__name__}: {process_groups!r}")
+    seen = {}
+    groups = []
+    for i, group in enumerate(process_groups):
+        if not isinstance(group, list):
+            raise TypeError(f"process_groups[{i}] must be a list of rank ids, "
+                            f"got {type(group).__name__}: {group!r}")
+        if not group:
+            raise ValueError(f"process_groups[{i}] is empty; every group needs at least one rank id")
+        for rank in group:
+            if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
+                raise ValueError(f"process_groups[{i}] contains {rank!r} "
+                                 f"({type(rank).__name__}); rank ids must be int")
+            if not 0 <= rank < size:
+                raise ValueError(f"process_groups[{i}] contains rank id {rank}, outside "
+                                 f"[0, {size}) for a communicator of size {size}")
+            if rank in seen:
+                raise ValueError(f"rank id {rank} appears twice in process_groups "
+                                 f"(in groups {seen[rank]} and {i}); ids must be distinct")
+            seen[int(rank)] = i
+        groups.append(tuple(sorted(int(r) for r in group)))
+    return tuple(groups)
+
+
+class GroupComm:
+    """The communicator of the group this rank synchronises with.
+
+    ``comm`` is an MPI intracommunicator of the group, or None when the
+    rank is alone (in no group, or in a group of one): then nothing is
+    communicated. ``ranks`` are the members' ranks in the parent
+    communicator, in group-rank order. ``allreduce_calls`` counts the
+    collectives made, for tests and for the curious.
+    """
+
+    def __init__(self, comm, ranks, parent_rank):
+        self.comm = comm
+        self.ranks = tuple(ranks)
+        self.rank = self.ranks.index(parent_rank)
+        self.size = len(self.ranks)
+        self.allreduce_calls = 0
+        self._users = 0
+        self._key = None
+
+    def allreduce_sum(self, buf):
+        """In-place SUM Allreduce of a float64 array over the group."""
+        if self.comm is not None:
+            # Uppercase (buffer) Allreduce: no pickling on the hot path.
+            self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            self.allreduce_calls += 1
+        return buf
+
+    def release(self):
+        """Drop one user; the communicator is freed with its last user."""
+        self._users -= 1
+        if self._users > 0:
+            return
+        _CACHE.pop(self._key, None)
+        if self.comm is not None:
+            self.comm.Free()
+            self.comm = None
+
+
+# (parent handle, canonical groups) -> GroupComm. Every rank of the parent
+# builds the same layers in the same order, so a hit on one rank is a hit on
+# all: Comm.Split (a collective) is called by all ranks or by none.
+_CACHE = {}
+
+
+def group_comm_for(comm, process_groups):
+    """The (shared, reference-counted) GroupComm of this rank.
+
+    A collective over ``comm`` the first time a grouping is seen: every rank
+    of ``comm`` must call it (i.e. construct the layer) together, in the
+    same order. Later layers with the same grouping share the communicator.
+    """
+    groups = validate_process_groups(process_groups, comm.Get_size())
+    key = (comm.py2f(), groups)
+    group = _CACHE.get(key)
+    if group is None:
+        group = _split(comm, groups)
+        group._key = key
+        _CACHE[key] = group
+    group._users += 1
+    return group
+
+
+def _split(comm, groups):
+    rank, size = comm.Get_rank(), comm.Get_size()
+    if groups is None:
+        groups = (tuple(range(size)),)
+    mine = next((g for g in groups if rank in g), (rank,))
+    color = groups.index(mine) if len(mine) > 1 else MPI.UNDEFINED
+    # Split is collective over the parent: ranks that will not communicate
+    # (alone, or in no group) still take part, with color UNDEFINED.
+    sub = comm.Split(color, key=rank)
+    return GroupComm(None if sub == MPI.COMM_NULL else sub, mine, rank)
+
+
+class RowExchange:
+    """A preallocated (P, HEADER + k*C) buffer and the one Allreduce on it."""
+
+    def __init__(self, group, channels, k):
+        self.group = group
+        self.channels = channels
+        self.k = k
+        self.buf = np.zeros((group.size, HEADER + k * channels))
+
+    def exchange(self, problem, count, payload, context):
+        """Send this rank's (problem, count, payload (k, C)); return every rank's.
+
+        Returns (counts (P,), payloads (P, k, C)) after one Allreduce, or
+        raises the agreed exception on every rank when any rank reported a
+        problem. ``payload`` may be None when ``problem`` is set.
+        """
+        buf = self.buf
+        buf.fill(0.0)
+        row = buf[self.group.rank]
+        if problem is not None:
+            row[0] = problem.code
+            row[2:HEADER] = problem.details
+        else:
+            row[1] = count
+            row[HEADER:] = np.ravel(payload)
+        self.group.allreduce_sum(buf)
+        raise_agreed(buf, self.group, context)
+        return buf[:, 1].copy(), buf[:, HEADER:].reshape(-1, self.k, self.channels).copy()
+
+
+def raise_agreed(buf, group, context):
+    """Raise, on every rank, the exception for the problems in ``buf``'s rows.
+
+    The type is that of the lowest-ranked offender; the message names every
+    offending rank (by its rank in the parent communicator) and its problem.
+    """
+    bad = np.flatnonzero(buf[:, 0])
+    if bad.size == 0:
+        return
+    problems = [(group.ranks[r], Problem.from_numbers(buf[r, 0], buf[r, 2:HEADER])) for r in bad]
+    parts = "; ".join(f"rank {rank}: {p.describe()}" for rank, p in problems)
+    raise problems[0][1].exception_type()(f"{context} (group ranks {list(group.ranks)}): {parts}")
+
+
+def local_problem(problem, group, context):
+    """Raise a problem found where nothing is communicated (no peer waits)."""
+    if problem is not None:
+        raise problem.exception_type()(f"{context} (rank {group.ranks[group.rank]}): {problem.describe()}")
