@@ -54,7 +54,9 @@ __all__ = [
 def as_ncl(x):
     """View x of shape (N, C) or (N, C, H, W) as (N, C, L) without copying
     (when x is C-contiguous)."""
-    return x.reshape(x.shape[0], x.shape[1], -1) if x.ndim == 4 else x[:, :, None]
+    if x.ndim == 4:
+        return x.reshape(x.shape[0], x.shape[1], x.shape[2] * x.shape[3])
+    return x[:, :, None]
 
 
 def batch_norm_stats(x):
