@@ -8,7 +8,7 @@ any rank reported into the same exception on every rank.
 Buffer layout (``RowExchange``): a float64 array of shape (P, width), one
 row per rank of the group, P the group size::
 
-    row r = [status_r, count_r, detail_r(8), payload_r(k * C)]
+    row r = [status_r, count_r, layer_r, call_r, detail_r(8), payload_r(k * C)]
 
 Each rank writes only its own row and leaves the others zero; the Allreduce
 is a SUM. Adding zeros is exact in IEEE arithmetic, so after the reduction
@@ -22,6 +22,9 @@ The count travels in the buffer, so uneven and empty shards combine exactly
 (never divide by the number of ranks). ``status_r`` is non-zero when rank r
 found a problem in its own input: it still joins the collective, so nobody
 hangs, and then every rank raises the same exception (``raise_agreed``).
+``layer_r`` and ``call_r`` say which layer and which of its calls the rank
+is in: ranks that mix up their layers get an agreed error, not a silent mix
+of two layers' statistics.
 """
 import numpy as np
 from mpi4py import MPI
@@ -30,7 +33,7 @@ from .errors import N_DETAILS, Problem
 
 __all__ = ["GroupComm", "RowExchange", "group_comm_for", "validate_process_groups"]
 
-HEADER = 2 + N_DETAILS   # status, count, details
+HEADER = 4 + N_DETAILS   # status, count, layer, call, details
 
 
 def validate_process_groups(process_groups, size):
@@ -86,6 +89,13 @@ class GroupComm:
         self.allreduce_calls = 0
         self._users = 0
         self._key = None
+        self._layers = 0
+
+    def new_layer_serial(self):
+        """A number for a new layer on this group, the same on every rank
+        (layers are constructed collectively, in the same order)."""
+        self._layers += 1
+        return self._layers
 
     def allreduce_sum(self, buf):
         """In-place SUM Allreduce of a float64 array over the group."""
@@ -151,8 +161,10 @@ class RowExchange:
         self.k = k
         self.buf = np.zeros((group.size, HEADER + k * channels))
 
-    def exchange(self, problem, count, payload, context):
+    def exchange(self, problem, count, payload, context, tag=(0, 0)):
         """Send this rank's (problem, count, payload (k, C)); return every rank's.
+
+        ``tag`` = (layer, call) identifies the call; all ranks must agree.
 
         Returns (counts (P,), payloads (P, k, C)) after one Allreduce, or
         raises the agreed exception on every rank when any rank reported a
@@ -161,14 +173,16 @@ class RowExchange:
         buf = self.buf
         buf.fill(0.0)
         row = buf[self.group.rank]
+        row[2:4] = tag
         if problem is not None:
             row[0] = problem.code
-            row[2:HEADER] = problem.details
+            row[4:HEADER] = problem.details
         else:
             row[1] = count
             row[HEADER:] = np.ravel(payload)
         self.group.allreduce_sum(buf)
         raise_agreed(buf, self.group, context)
+        check_tags(buf, self.group, context)
         return buf[:, 1].copy(), buf[:, HEADER:].reshape(-1, self.k, self.channels).copy()
 
 
@@ -181,12 +195,24 @@ def raise_agreed(buf, group, context):
     bad = np.flatnonzero(buf[:, 0])
     if bad.size == 0:
         return
-    problems = [(group.ranks[r], Problem.from_numbers(buf[r, 0], buf[r, 2:HEADER])) for r in bad]
+    problems = [(group.ranks[r], Problem.from_numbers(buf[r, 0], buf[r, 4:HEADER])) for r in bad]
     parts = "; ".join(f"rank {rank}: {p.describe()}" for rank, p in problems)
     raise problems[0][1].exception_type()(f"{context} (group ranks {list(group.ranks)}): {parts}")
+
+
+def check_tags(buf, group, context):
+    """Every rank must be in the same call of the same layer."""
+    tags = buf[:, 2:4]
+    if (tags == tags[0]).all():
+        return
+    calls = "; ".join(f"rank {rank}: layer {int(t[0])} call {int(t[1])}" for rank, t in zip(group.ranks, tags))
+    raise RuntimeError(f"{context} (group ranks {list(group.ranks)}): ranks are in different layer "
+                       f"calls, so their statistics cannot be combined: {calls}. Every rank of a "
+                       f"group must call its layers in the same order")
 
 
 def local_problem(problem, group, context):
     """Raise a problem found where nothing is communicated (no peer waits)."""
     if problem is not None:
-        raise problem.exception_type()(f"{context} (rank {group.ranks[group.rank]}): {problem.describe()}")
+        where = f" (rank {group.ranks[group.rank]})" if group is not None else ""
+        raise problem.exception_type()(f"{context}{where}: {problem.describe()}")

@@ -196,3 +196,13 @@ def running_update(moving, batch_stat, momentum):
     (PyTorch's momentum=0.1 is the same update as MindSpore's 0.9.)
     """
     return momentum * np.asarray(moving, np.float64) + (1.0 - momentum) * batch_stat
+
+
+def __getattr__(name):
+    # The stateless synced functions compose this module with mpibn.comm,
+    # which imports mpi4py; import them only when asked for, so that the
+    # math stays importable (and testable) without MPI.
+    if name in ("sync_batch_norm", "sync_batch_norm_backward"):
+        from . import sync
+        return getattr(sync, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

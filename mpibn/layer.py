@@ -15,10 +15,9 @@ import numbers
 
 import numpy as np
 
-from . import functional as F
-from .comm import RowExchange, group_comm_for, local_problem
-from .errors import BACKWARD_TWICE, NO_FORWARD, Problem, check_grad, check_input
+from .comm import RowExchange, group_comm_for
 from .init import initializer
+from .sync import sync_batch_norm, sync_batch_norm_backward
 
 __all__ = ["SyncBatchNorm", "Parameter"]
 
@@ -114,10 +113,12 @@ class SyncBatchNorm:
         if not hasattr(comm, "Split"):
             raise TypeError(f"comm must be an mpi4py intracommunicator, got {type(comm).__name__}")
         self.group_comm = group_comm_for(comm, process_groups)     # collective on first use
-        self._stats_exchange = RowExchange(self.group_comm, num_features, 2)  # [mean, m2] per rank
-        self._grad_exchange = RowExchange(self.group_comm, num_features, 2)   # [sum_dy, sum_dy_xhat]
+        # One preallocated buffer serves both passes: forward sends [mean, m2]
+        # per rank, backward [sum_dy, sum_dy_xhat]; tags tell the passes apart.
+        self._exchange = RowExchange(self.group_comm, num_features, 2)
+        self._serial = self.group_comm.new_layer_serial()
+        self._calls = 0
         self._saved = None
-        self._backward_done = False
         self.batch_mean = None     # float64 (C,) statistics of the last training forward
         self.batch_var = None
 
@@ -161,93 +162,39 @@ class SyncBatchNorm:
     def __exit__(self, *exc):
         self.close()
 
-    # -- forward ------------------------------------------------------------------------
+    # -- forward and backward: the stateless functions in mpibn.sync do the work ---------
 
     def __call__(self, x):
         return self.construct(x)
 
     def construct(self, x):
-        """y = gamma * (x - mean) / sqrt(var + eps) + beta, x (N, C) or (N, C, H, W)."""
+        """y = gamma * (x - mean) / sqrt(var + eps) + beta, x (N, C) or (N, C, H, W).
+
+        With batch statistics: one Allreduce over the group, then the moving
+        statistics are updated. With moving statistics: no communication.
+        """
         self._saved = None
-        if self.uses_batch_statistics:
-            mean, inv_std, count = self._batch_statistics(x)
-        else:
-            local_problem(check_input(x, self.num_features), self.group_comm, self._context("construct"))
-            mean = self.moving_mean.data.astype(np.float64)
-            inv_std = F.inv_std_from_var(self.moving_variance.data, self.eps)
-            count = None
-        x3 = F.as_ncl(x)
-        y = F.batch_norm_elemt(x3, mean, inv_std, self.gamma.data, self.beta.data)
-        self._saved = (x3, x.shape, mean, inv_std, count)
-        self._backward_done = False
-        return y.reshape(x.shape)
-
-    def _batch_statistics(self, x):
-        """Local moments -> the one Allreduce -> group statistics; updates moving stats."""
-        problem = check_input(x, self.num_features)
-        count, local = 0, None
-        if problem is None:
-            count, mean, m2 = F.batch_norm_stats(F.as_ncl(x))
-            local = (mean, m2)
-        counts, rows = self._stats_exchange.exchange(problem, count, local, self._context("construct"))
-        total, mean, m2 = F.merge_stats(counts, rows[:, 0], rows[:, 1])
-        if total <= 1:
-            raise ValueError(f"{self._context('construct')}: expected more than 1 value per channel in "
-                             f"training, got {total} over group ranks {list(self.group_comm.ranks)} "
-                             f"(per-rank counts {counts.astype(int).tolist()})")
-        if self.nonfinite == "raise":
-            self._check_finite(rows)
-        var = m2 / total
-        # Only now, with every check passed on every rank, does state change.
-        self.moving_mean.data = F.running_update(
-            self.moving_mean.data, mean, self.momentum).astype(self.dtype)
-        self.moving_variance.data = F.running_update(
-            self.moving_variance.data, m2 / (total - 1), self.momentum).astype(self.dtype)
-        self.batch_mean, self.batch_var = mean, var
-        return mean, F.inv_std_from_var(var, self.eps), total
-
-    def _check_finite(self, rows):
-        bad = ~np.isfinite(rows).all(axis=1)          # (P, C)
-        if bad.any():
-            where = [(self.group_comm.ranks[r], c) for r, c in zip(*np.nonzero(bad))]
-            listed = ", ".join(f"rank {r} channel {c}" for r, c in where[:8])
-            more = f" and {len(where) - 8} more" if len(where) > 8 else ""
-            raise FloatingPointError(f"{self._context('construct')}: NaN or Inf in the training batch at "
-                                     f"{listed}{more}; moving statistics left unchanged "
-                                     f"(pass nonfinite='propagate' to let IEEE values through)")
-
-    # -- backward -----------------------------------------------------------------------
+        training = self.uses_batch_statistics
+        if training:
+            self._calls += 1
+        y, saved = sync_batch_norm(
+            x, self.gamma.data, self.beta.data, group_comm=self.group_comm, eps=self.eps,
+            training=training, running_mean=self.moving_mean.data,
+            running_var=self.moving_variance.data, momentum=self.momentum,
+            nonfinite=self.nonfinite, exchange=self._exchange, tag=(2 * self._serial, self._calls))
+        self._saved = saved
+        if training:
+            self.batch_mean, self.batch_var = saved.mean, saved.var
+        return y
 
     def backward(self, dy):
-        """dx for the last forward; sets gamma.grad and beta.grad (this rank's share)."""
-        saved = self._saved
-        synced = saved[4] is not None if saved is not None else self.uses_batch_statistics
-        if saved is None:
-            problem = Problem(NO_FORWARD)
-        elif self._backward_done:
-            problem = Problem(BACKWARD_TWICE)
-        else:
-            problem = check_grad(dy, saved[1])
-        context = self._context("backward")
-        if not synced:
-            local_problem(problem, self.group_comm, context)
+        """dx for the last forward; sets gamma.grad and beta.grad (this rank's share).
 
-        sums = None
-        if problem is None:
-            x3, shape, mean, inv_std, count = saved
-            dy3 = F.as_ncl(dy)
-            xhat = (x3 - mean[:, None]) * inv_std[:, None]
-            sums = F.batch_norm_backward_reduce(dy3, xhat)
-        if synced:
-            _, rows = self._grad_exchange.exchange(problem, 0, sums, context)
-            group_sum_dy, group_sum_dy_xhat = rows.sum(axis=0)    # rank order: reproducible
-            mean_dy, mean_dy_xhat = group_sum_dy / count, group_sum_dy_xhat / count
-        else:
-            mean_dy = mean_dy_xhat = np.zeros(self.num_features)
-        dx = F.batch_norm_backward_elemt(dy3, xhat, self.gamma.data, inv_std, mean_dy, mean_dy_xhat,
-                                         out_dtype=x3.dtype)
+        After a forward with batch statistics: one Allreduce over the group.
+        """
+        dx, dgamma, dbeta = sync_batch_norm_backward(
+            dy, self._saved, exchange=self._exchange, training=self.uses_batch_statistics)
         if self.affine:
-            self.gamma.grad = sums[1].astype(self.dtype)
-            self.beta.grad = sums[0].astype(self.dtype)
-        self._backward_done = True
-        return dx.reshape(shape)
+            self.gamma.grad = dgamma.astype(self.dtype)
+            self.beta.grad = dbeta.astype(self.dtype)
+        return dx
