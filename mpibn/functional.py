@@ -39,10 +39,25 @@ Numerical choices:
 * Moving variance uses the unbiased variance M2 / (N - 1) with the group's
   total count N (MindSpore's Ascend kernel uses the local count: a defect).
 
+Speed without a lost digit:
+
+* Each function walks its array in cache-sized blocks (``mpibn.blocks``):
+  a block is converted to float64 in a small scratch buffer, the formula is
+  applied there, and the result is rounded once into the output. No
+  full-size float64 temporary exists, so a float32 activation is streamed
+  from memory about once per formula instead of once per operation.
+* Backward keeps x (by reference, no copy), not xhat: a float64 xhat would
+  cost twice a float32 input in memory, and an xhat rounded to the input
+  dtype would throw away the digits that x - mean in float64 keeps.
+  Recomputing x - mean costs one subtraction per value in each backward
+  pass, done in cache.
+
 Shapes: x is (N, C) or (N, C, H, W). Internally every function works on a
 (N, C, L) view (L = H * W, or 1 for 2-D input); per-channel vectors are (C,).
 """
 import numpy as np
+
+from . import blocks
 
 __all__ = [
     "as_ncl", "batch_norm_stats", "merge_stats", "inv_std_from_var",
@@ -68,11 +83,18 @@ def batch_norm_stats(x):
         mean  = sum_{n,l} x[n, c, l] / n            (C,)
         m2    = sum_{n,l} (x[n, c, l] - mean)^2     (C,)
 
-    Computed in two passes with the correction term of Chan, Golub and
-    LeVeque: with mean0 the first-pass mean and d = x - mean0,
-    ``mean = mean0 + sum(d)/n`` and ``m2 = sum(d^2) - sum(d)^2/n``. The first
-    pass's rounding error (of order eps*|mean|) is removed, so the result is
-    accurate even when |mean| >> std. An empty shard gives (0, 0, 0).
+    Computed with the corrected two-pass sum of Chan, Golub and LeVeque
+    about a shift K (C,)::
+
+        d = x - K,   mean = K + sum(d)/n,   m2 = sum(d^2) - sum(d)^2/n
+
+    Its relative rounding error is of order eps * (1 + n (mean - K)^2 / m2),
+    whatever |mean|/std. K is the mean of the first ceil(N/16) samples (the
+    head), and the head's own deviations bound the term: n_head (K - mean)^2
+    <= sum_head (x - mean)^2 <= m2, so n (mean - K)^2 / m2 <= n / n_head <= 16
+    for any data. So m2 is as accurate as with the exact mean as shift, and
+    x is read from memory once (plus the head), one cache-sized block at a
+    time (``mpibn.blocks``). An empty shard gives (0, 0, 0).
 
     x: (N, C, L) of any float dtype. Returns (n, mean, m2).
     """
@@ -80,11 +102,16 @@ def batch_norm_stats(x):
     count = num * length
     if count == 0:
         return 0, np.zeros(channels), np.zeros(channels)
-    mean0 = np.add.reduce(x, axis=(0, 2), dtype=np.float64) / count
-    d = x - mean0[:, None]                     # float64 (N, C, L)
-    d_sum = d.sum(axis=(0, 2))
-    m2 = np.einsum("ncl,ncl->c", d, d) - d_sum * d_sum / count
-    return count, mean0 + d_sum / count, np.maximum(m2, 0.0)
+    head = x[:-(-num // 16)]
+    shift = np.add.reduce(head, axis=(0, 2), dtype=np.float64) / (head.shape[0] * length)
+    d_sum, d_sq = np.zeros(channels), np.zeros(channels)
+    for b, (k,), (d,) in blocks.walk(x.shape, (shift,)):
+        np.copyto(d, x[b.index])                    # float64 copy of the block
+        d -= k                                      # d = x - K
+        d_sum[b.c] += blocks.sums(d)
+        d_sq[b.c] += blocks.dots(d, d)
+    m2 = d_sq - d_sum * d_sum / count
+    return count, shift + d_sum / count, np.maximum(m2, 0.0)
 
 
 def merge_stats(counts, means, m2s):
@@ -127,7 +154,7 @@ def inv_std_from_var(var, eps):
     return 1.0 / np.sqrt(np.asarray(var, dtype=np.float64) + eps)
 
 
-def batch_norm_elemt(x, mean, inv_std, gamma, beta, out_dtype=None):
+def batch_norm_elemt(x, mean, inv_std, gamma, beta, out_dtype=None, out=None):
     """Normalise with given statistics, then scale and shift.
 
     ::
@@ -137,17 +164,34 @@ def batch_norm_elemt(x, mean, inv_std, gamma, beta, out_dtype=None):
 
     x - mean is taken first, in float64: it is exact or nearly so when x is
     close to the mean, which is where a folded ``x*scale + shift`` would
-    cancel. Returns y in ``out_dtype`` (default: x's dtype).
+    cancel. Computed as ``(x - mean) * (gamma * inv_std) + beta`` in float64,
+    one cache-sized block at a time, and rounded once into y. Returns y in
+    ``out_dtype`` (default: x's dtype), written into ``out`` when given.
 
     x: (N, C, L); mean, inv_std, gamma, beta: (C,).
     """
-    scale = (np.asarray(gamma, np.float64) * inv_std)[:, None]
-    y = (x - np.asarray(mean, np.float64)[:, None]) * scale
-    y += np.asarray(beta, np.float64)[:, None]
-    return y.astype(out_dtype or x.dtype, copy=False)
+    scale = np.asarray(gamma, np.float64) * inv_std
+    y = np.empty(x.shape, out_dtype or x.dtype) if out is None else out
+    direct = y.dtype == np.float64          # then y is its own scratch
+    for b, (m, s, be), (d,) in blocks.walk(x.shape, (mean, scale, beta), 1):
+        d = y[b.index] if direct else d
+        np.copyto(d, x[b.index])            # float64
+        d -= m                              # x - mean
+        d *= s
+        d += be
+        if not direct:
+            np.copyto(y[b.index], d, casting="same_kind")
+    return y
 
 
-def batch_norm_backward_reduce(dy, xhat):
+def _xhat_source(xhat, x, mean):
+    """Either xhat itself, or x and mean to form x - mean block by block."""
+    if xhat is not None:
+        return xhat, None
+    return x, np.asarray(mean, np.float64)
+
+
+def batch_norm_backward_reduce(dy, xhat=None, *, x=None, mean=None, inv_std=None):
     """This rank's two per-channel sums for the backward pass, in float64.
 
     ::
@@ -156,15 +200,30 @@ def batch_norm_backward_reduce(dy, xhat):
         sum_dy_xhat = sum_{n,l} dy[n, c, l] * xhat[n, c, l] (C,)
 
     They are also this rank's dbeta and dgamma.
-    dy, xhat: (N, C, L).
+
+    Pass ``xhat``, or ``x``, ``mean`` and ``inv_std`` (what forward kept):
+    then ``sum_dy_xhat = inv_std * sum(dy * (x - mean))``, with x - mean
+    formed in float64 one block at a time, so xhat never exists in full.
+    dy, xhat, x: (N, C, L); mean, inv_std: (C,).
     """
-    sum_dy = np.add.reduce(dy, axis=(0, 2), dtype=np.float64)
-    sum_dy_xhat = np.einsum("ncl,ncl->c", dy, xhat, dtype=np.float64)
+    src, mean = _xhat_source(xhat, x, mean)
+    sum_dy = np.zeros(dy.shape[1])
+    sum_dy_xhat = np.zeros(dy.shape[1])
+    vectors = () if mean is None else (mean,)
+    for b, const, (g, h) in blocks.walk(dy.shape, vectors, 2):
+        np.copyto(g, dy[b.index])                   # float64 dy
+        np.copyto(h, src[b.index])
+        if const:
+            h -= const[0]                           # x - mean
+        sum_dy[b.c] += blocks.sums(g)
+        sum_dy_xhat[b.c] += blocks.dots(g, h)
+    if mean is not None:
+        sum_dy_xhat *= inv_std
     return sum_dy, sum_dy_xhat
 
 
 def batch_norm_backward_elemt(dy, xhat, gamma, inv_std, mean_dy, mean_dy_xhat,
-                              out_dtype=None):
+                              out_dtype=None, *, x=None, mean=None, out=None):
     """Input gradient of batch norm from the group's sums.
 
     With y = gamma * xhat + beta, xhat = (x - mean) * inv_std and mean, var
@@ -177,13 +236,32 @@ def batch_norm_backward_elemt(dy, xhat, gamma, inv_std, mean_dy, mean_dy_xhat,
     use_batch_statistics=False) pass mean_dy = mean_dy_xhat = 0, which gives
     dx = gamma * inv_std * dy.
 
-    dy, xhat: (N, C, L); gamma, inv_std, mean_dy, mean_dy_xhat: (C,).
+    Pass ``xhat``, or xhat=None with ``x`` and ``mean``: then
+    ``xhat * mean_dy_xhat = (x - mean) * (inv_std * mean_dy_xhat)``, formed
+    in float64 one block at a time. dx is rounded once, into ``out`` when
+    given (default: a new array of ``out_dtype``, default dy's dtype).
+
+    dy, xhat, x: (N, C, L); gamma, inv_std, mean_dy, mean_dy_xhat, mean: (C,).
     """
-    scale = (np.asarray(gamma, np.float64) * inv_std)[:, None]
-    dx = dy - np.asarray(mean_dy, np.float64)[:, None]
-    dx -= xhat * np.asarray(mean_dy_xhat, np.float64)[:, None]
-    dx *= scale
-    return dx.astype(out_dtype or dy.dtype, copy=False)
+    inv_std = np.asarray(inv_std, np.float64)
+    src, mean = _xhat_source(xhat, x, mean)
+    scale = np.asarray(gamma, np.float64) * inv_std
+    coef = np.asarray(mean_dy_xhat, np.float64)
+    if mean is None:
+        mean = np.zeros_like(coef)                  # src is xhat already
+    else:
+        coef = coef * inv_std
+    dx = np.empty(dy.shape, out_dtype or dy.dtype) if out is None else out
+    for b, (m, cf, mdy, k), (t, h) in blocks.walk(dy.shape, (mean, coef, mean_dy, scale), 2):
+        np.copyto(t, dy[b.index])
+        t -= mdy                                    # dy - mean_dy
+        np.copyto(h, src[b.index])
+        h -= m
+        h *= cf                                     # xhat * mean_dy_xhat
+        t -= h
+        t *= k
+        np.copyto(dx[b.index], t, casting="same_kind")
+    return dx
 
 
 def running_update(moving, batch_stat, momentum):

@@ -140,8 +140,9 @@ def sync_batch_norm_backward(dy, saved, *, exchange=None, training=None):
     sums = None
     if problem is None:
         dy3 = F.as_ncl(dy)
-        xhat = (saved.x - saved.mean[:, None]) * saved.inv_std[:, None]
-        sums = F.batch_norm_backward_reduce(dy3, xhat)
+        # xhat = (x - mean) * inv_std is formed block by block from what
+        # forward kept; it never exists in full.
+        sums = F.batch_norm_backward_reduce(dy3, x=saved.x, mean=saved.mean, inv_std=saved.inv_std)
     if training:
         tag = (saved.tag[0] + 1, saved.tag[1]) if saved is not None else (-1, -1)
         _, rows = exchange.exchange(problem, 0, sums, context, tag)
@@ -150,7 +151,7 @@ def sync_batch_norm_backward(dy, saved, *, exchange=None, training=None):
         mean_dy, mean_dy_xhat = group_sum_dy / saved.count, group_sum_dy_xhat / saved.count
     else:
         mean_dy = mean_dy_xhat = np.zeros(saved.x.shape[1])
-    dx = F.batch_norm_backward_elemt(dy3, xhat, saved.gamma, saved.inv_std, mean_dy, mean_dy_xhat,
-                                     out_dtype=saved.x.dtype)
+    dx = F.batch_norm_backward_elemt(dy3, None, saved.gamma, saved.inv_std, mean_dy, mean_dy_xhat,
+                                     out_dtype=saved.x.dtype, x=saved.x, mean=saved.mean)
     saved.used = True
     return dx.reshape(saved.shape), sums[1], sums[0]

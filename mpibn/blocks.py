@@ -1,0 +1,131 @@
+"""Cache-sized blocks for the math room (NumPy only, no formulas here).
+
+The functions of ``mpibn.functional`` work on a (N, C, L) view and must
+compute in float64 whatever the input dtype. Converting a whole float32
+activation to float64 would double its memory and stream it through main
+memory once per operation; instead each function walks the array in
+*blocks* of about ``BLOCK`` values: one block is converted to float64 in a
+small scratch buffer that stays in the CPU cache, the formula is applied
+there, and the result is written out (or its per-channel sums kept) before
+the next block is read. The loop runs over blocks; it is never a loop
+over single channels or elements (unless one channel of one sample is
+itself bigger than a block), and every block is handed whole to NumPy.
+
+Block shapes (nb, cb, lb), with B = BLOCK::
+
+    C * L <= B      (nb, C, L)   nb = B // (C * L) samples at a time
+    L <= B          (1, cb, L)   cb = B // L channels of one sample
+    L > B           (1, 1, lb)   lb = B positions of one channel
+
+``walk`` visits the blocks channel block by channel block. Per-channel
+vectors (mean, scale, ...) are expanded once per channel block to the
+block's full shape: NumPy adds two same-shape arrays about twice as fast
+as it broadcasts a (cb, 1) column over a block, and the expansion is
+shared by every block of those channels.
+
+``sums`` and ``dots`` reduce a float64 block per channel over its sample
+and position axes; for long rows they use ``np.vecdot`` (one BLAS dot per
+row, several times faster than ``einsum``).
+"""
+from functools import lru_cache
+
+import numpy as np
+
+__all__ = ["BLOCK", "Block", "walk", "sums", "dots"]
+
+# 2**15 float64 values = 256 KiB per buffer, so that a block's scratch
+# and expanded vectors stay in a 1-2 MiB L2 cache. Tests set it tiny to
+# run many blocks, partial blocks and split rows on small arrays.
+BLOCK = 1 << 15
+
+# Rows shorter than this reduce with einsum (a BLAS call per row of a few
+# values would cost more than it saves).
+_VECDOT_MIN = 64
+
+_vecdot = getattr(np, "vecdot", None)      # NumPy >= 2.0
+
+
+class Block:
+    """One block: ``index`` selects it from a (N, C, L) array, ``c`` is its
+    channel slice, ``count`` = nb * lb (values per channel in the block),
+    ``shape`` = (nb, cb, lb)."""
+
+    __slots__ = ("index", "c", "count", "shape")
+
+    def __init__(self, n, c, l):
+        self.index = (n, c, l)
+        self.c = c
+        self.shape = (n.stop - n.start, c.stop - c.start, l.stop - l.start)
+        self.count = self.shape[0] * self.shape[2]
+
+
+def _sizes(shape, block):
+    num, channels, length = shape
+    if channels * length <= block:
+        return max(1, min(num, block // (channels * length))), channels, length
+    if length <= block:
+        return 1, max(1, block // length), length
+    return 1, 1, block
+
+
+@lru_cache(maxsize=64)
+def _plan(shape, block):
+    """((channel slice, (Block, ...)), ...): the blocks, channel block by channel block."""
+    num, channels, length = shape
+    nb, cb, lb = _sizes(shape, block)
+    groups = []
+    for c0 in range(0, channels, cb):
+        c = slice(c0, min(c0 + cb, channels))
+        groups.append((c, tuple(Block(slice(n0, min(n0 + nb, num)), c, slice(l0, min(l0 + lb, length)))
+                                for n0 in range(0, num, nb) for l0 in range(0, length, lb))))
+    return tuple(groups), (nb, cb, lb)
+
+
+def walk(shape, vectors=(), k=1):
+    """Visit the blocks of a (N, C, L) array.
+
+    Yields (block, expanded, scratch): ``expanded`` holds each (C,) float64
+    vector of ``vectors`` broadcast to the block's shape (a real array, not a
+    stride-0 view), ``scratch`` k float64 buffers of the block's shape. Both
+    are reused: use them before asking for the next block.
+    """
+    groups, full = _plan(tuple(shape), BLOCK)
+    size = full[0] * full[1] * full[2]
+    bufs = [np.empty(size) for _ in range(k)]
+    vectors = [np.asarray(v, np.float64) for v in vectors]
+    wide = [np.empty(full) for _ in vectors]
+    for c, members in groups:
+        cb = c.stop - c.start
+        for w, v in zip(wide, vectors):
+            w[:, :cb] = v[c, None]                  # once per channel block
+        for b in members:
+            nb, _, lb = b.shape
+            expanded = tuple(w[:nb, :cb, :lb] for w in wide)
+            yield b, expanded, tuple(buf[:nb * cb * lb].reshape(b.shape) for buf in bufs)
+
+
+_ONES = np.ones(0)
+
+
+def _ones(n):
+    global _ONES
+    if _ONES.size < n:
+        _ONES = np.ones(n)
+    return _ONES[:n]
+
+
+def sums(a):
+    """sum_{n,l} a[n, c, l] for a float64 block (nb, cb, lb) -> (cb,)."""
+    nb, cb, lb = a.shape
+    if lb == 1:
+        return _ones(nb) @ a[:, :, 0]                   # BLAS gemv
+    if _vecdot is not None and lb >= _VECDOT_MIN:
+        return _vecdot(a, _ones(lb)).sum(axis=0)
+    return a.sum(axis=(0, 2))
+
+
+def dots(a, b):
+    """sum_{n,l} a[n, c, l] * b[n, c, l] for float64 blocks -> (cb,)."""
+    if _vecdot is not None and a.shape[2] >= _VECDOT_MIN:
+        return _vecdot(a, b).sum(axis=0)
+    return np.einsum("ncl,ncl->c", a, b)
