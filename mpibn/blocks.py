@@ -17,7 +17,7 @@ Block shapes (nb, cb, lb), with B = BLOCK::
     L <= B          (1, cb, L)   cb = B // L channels of one sample
     L > B           (1, 1, lb)   lb = B positions of one channel
 
-``walk`` visits the blocks channel block by channel block. Per-channel
+``each`` visits the blocks channel block by channel block. Per-channel
 vectors (mean, scale, ...) are expanded once per channel block to the
 block's full shape: NumPy adds two same-shape arrays about twice as fast
 as it broadcasts a (cb, 1) column over a block, and the expansion is
@@ -27,11 +27,12 @@ shared by every block of those channels.
 and position axes; for long rows they use ``np.vecdot`` (one BLAS dot per
 row, several times faster than ``einsum``).
 """
+import os
 from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["BLOCK", "Block", "walk", "sums", "dots"]
+__all__ = ["BLOCK", "THREADS", "Block", "each", "set_threads", "sums", "dots"]
 
 # 2**15 float64 values = 256 KiB per buffer, so that a block's scratch
 # and expanded vectors stay in a 1-2 MiB L2 cache. Tests set it tiny to
@@ -43,6 +44,8 @@ BLOCK = 1 << 15
 _VECDOT_MIN = 64
 
 _vecdot = getattr(np, "vecdot", None)      # NumPy >= 2.0
+
+THREADS = int(os.environ.get("MPIBN_THREADS", "1"))
 
 
 class Block:
@@ -61,11 +64,17 @@ class Block:
 
 def _sizes(shape, block):
     num, channels, length = shape
-    if channels * length <= block:
-        return max(1, min(num, block // (channels * length))), channels, length
-    if length <= block:
-        return 1, max(1, block // length), length
-    return 1, 1, block
+    if length > block:
+        return 1, 1, block
+    cb = channels if channels * length <= block else max(1, block // length)
+    # Threads take whole channel blocks: make their number a multiple of 4
+    # (when there are enough channels) so that with 1, 2 or 4 threads none
+    # idles at the end. The plan never depends on the thread count, so
+    # neither do the sums.
+    groups = -(-channels // cb)
+    cb = -(-channels // min(channels, -(-groups // 4) * 4))
+    nb = max(1, min(num, block // (cb * length))) if channels * length <= block else 1
+    return nb, cb, length
 
 
 @lru_cache(maxsize=64)
@@ -81,18 +90,34 @@ def _plan(shape, block):
     return tuple(groups), (nb, cb, lb)
 
 
-def walk(shape, vectors=(), k=1):
-    """Visit the blocks of a (N, C, L) array.
+def each(shape, vectors, k, body):
+    """Call ``body(block, expanded, scratch)`` for every block of a (N, C, L) array.
 
-    Yields (block, expanded, scratch): ``expanded`` holds each (C,) float64
-    vector of ``vectors`` broadcast to the block's shape (a real array, not a
-    stride-0 view), ``scratch`` k float64 buffers of the block's shape. Both
-    are reused: use them before asking for the next block.
+    ``expanded`` holds each (C,) vector of ``vectors`` as float64 broadcast
+    to the block's shape (a real array, not a stride-0 view), ``scratch`` k
+    float64 buffers of the block's shape; both belong to the call only.
+
+    With ``THREADS`` > 1 the channel blocks are dealt to that many threads
+    (NumPy releases the GIL inside each operation). A channel's blocks are
+    always visited by one thread in the same order, so per-channel sums
+    are bitwise the same for every thread count; ``body`` must only write
+    to the block's own elements and channels.
     """
     groups, full = _plan(tuple(shape), BLOCK)
+    vectors = [np.asarray(v, np.float64) for v in vectors]
+    if THREADS == 1 or len(groups) == 1:
+        return _visit(groups, full, vectors, k, body)
+    pool = _pool()
+    futures = [pool.submit(_visit, groups[i::THREADS], full, vectors, k, body)
+               for i in range(1, THREADS)]
+    _visit(groups[0::THREADS], full, vectors, k, body)
+    for f in futures:
+        f.result()
+
+
+def _visit(groups, full, vectors, k, body):
     size = full[0] * full[1] * full[2]
     bufs = [np.empty(size) for _ in range(k)]
-    vectors = [np.asarray(v, np.float64) for v in vectors]
     wide = [np.empty(full) for _ in vectors]
     for c, members in groups:
         cb = c.stop - c.start
@@ -100,8 +125,28 @@ def walk(shape, vectors=(), k=1):
             w[:, :cb] = v[c, None]                  # once per channel block
         for b in members:
             nb, _, lb = b.shape
-            expanded = tuple(w[:nb, :cb, :lb] for w in wide)
-            yield b, expanded, tuple(buf[:nb * cb * lb].reshape(b.shape) for buf in bufs)
+            body(b, tuple(w[:nb, :cb, :lb] for w in wide),
+                 tuple(buf[:nb * cb * lb].reshape(b.shape) for buf in bufs))
+
+
+_POOL = None
+
+
+def _pool():
+    global _POOL
+    if _POOL is None or _POOL._max_workers < THREADS - 1:
+        from concurrent.futures import ThreadPoolExecutor
+        _POOL = ThreadPoolExecutor(max_workers=THREADS - 1, thread_name_prefix="mpibn")
+    return _POOL
+
+
+def set_threads(n):
+    """Threads for the block loops (default 1, or $MPIBN_THREADS). Under
+    mpiexec keep ranks x threads within the cores."""
+    global THREADS
+    if isinstance(n, bool) or int(n) != n or n < 1:
+        raise ValueError(f"threads must be an int >= 1, got {n!r}")
+    THREADS = int(n)
 
 
 _ONES = np.ones(0)

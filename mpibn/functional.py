@@ -105,11 +105,14 @@ def batch_norm_stats(x):
     head = x[:-(-num // 16)]
     shift = np.add.reduce(head, axis=(0, 2), dtype=np.float64) / (head.shape[0] * length)
     d_sum, d_sq = np.zeros(channels), np.zeros(channels)
-    for b, (k,), (d,) in blocks.walk(x.shape, (shift,)):
+
+    def block(b, shift, scratch):
+        (k,), (d,) = shift, scratch
         np.copyto(d, x[b.index])                    # float64 copy of the block
         d -= k                                      # d = x - K
         d_sum[b.c] += blocks.sums(d)
         d_sq[b.c] += blocks.dots(d, d)
+    blocks.each(x.shape, (shift,), 1, block)
     m2 = d_sq - d_sum * d_sum / count
     return count, shift + d_sum / count, np.maximum(m2, 0.0)
 
@@ -173,14 +176,16 @@ def batch_norm_elemt(x, mean, inv_std, gamma, beta, out_dtype=None, out=None):
     scale = np.asarray(gamma, np.float64) * inv_std
     y = np.empty(x.shape, out_dtype or x.dtype) if out is None else out
     direct = y.dtype == np.float64          # then y is its own scratch
-    for b, (m, s, be), (d,) in blocks.walk(x.shape, (mean, scale, beta), 1):
-        d = y[b.index] if direct else d
+
+    def block(b, vectors, scratch):
+        (m, s, be), d = vectors, y[b.index] if direct else scratch[0]
         np.copyto(d, x[b.index])            # float64
         d -= m                              # x - mean
         d *= s
         d += be
         if not direct:
             np.copyto(y[b.index], d, casting="same_kind")
+    blocks.each(x.shape, (mean, scale, beta), 0 if direct else 1, block)
     return y
 
 
@@ -209,14 +214,16 @@ def batch_norm_backward_reduce(dy, xhat=None, *, x=None, mean=None, inv_std=None
     src, mean = _xhat_source(xhat, x, mean)
     sum_dy = np.zeros(dy.shape[1])
     sum_dy_xhat = np.zeros(dy.shape[1])
-    vectors = () if mean is None else (mean,)
-    for b, const, (g, h) in blocks.walk(dy.shape, vectors, 2):
+
+    def block(b, vectors, scratch):
+        g, h = scratch
         np.copyto(g, dy[b.index])                   # float64 dy
         np.copyto(h, src[b.index])
-        if const:
-            h -= const[0]                           # x - mean
+        if vectors:
+            h -= vectors[0]                         # x - mean
         sum_dy[b.c] += blocks.sums(g)
         sum_dy_xhat[b.c] += blocks.dots(g, h)
+    blocks.each(dy.shape, () if mean is None else (mean,), 2, block)
     if mean is not None:
         sum_dy_xhat *= inv_std
     return sum_dy, sum_dy_xhat
@@ -252,7 +259,9 @@ def batch_norm_backward_elemt(dy, xhat, gamma, inv_std, mean_dy, mean_dy_xhat,
     else:
         coef = coef * inv_std
     dx = np.empty(dy.shape, out_dtype or dy.dtype) if out is None else out
-    for b, (m, cf, mdy, k), (t, h) in blocks.walk(dy.shape, (mean, coef, mean_dy, scale), 2):
+
+    def block(b, vectors, scratch):
+        (m, cf, mdy, k), (t, h) = vectors, scratch
         np.copyto(t, dy[b.index])
         t -= mdy                                    # dy - mean_dy
         np.copyto(h, src[b.index])
@@ -261,6 +270,7 @@ def batch_norm_backward_elemt(dy, xhat, gamma, inv_std, mean_dy, mean_dy_xhat,
         t -= h
         t *= k
         np.copyto(dx[b.index], t, casting="same_kind")
+    blocks.each(dy.shape, (mean, coef, mean_dy, scale), 2, block)
     return dx
 
 
