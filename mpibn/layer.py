@@ -1,9 +1,10 @@
 """The layer room: MindSpore's ``nn.SyncBatchNorm`` as a NumPy object.
 
-It validates arguments, keeps parameters and moving statistics, decides
-between batch and moving statistics, and composes math -> comm -> math.
-It holds no formula of its own (those are in ``mpibn.functional``) and no
-MPI call of its own (those are in ``mpibn.comm``).
+It validates arguments, keeps parameters and moving statistics, and decides
+between batch and moving statistics; the stateless functions of
+``mpibn.sync`` compose math -> comm -> math for it. It holds no formula of
+its own (those are in ``mpibn.functional``) and no MPI call of its own
+(those are in ``mpibn.comm``).
 
 Construction is a **collective** over ``comm``: every rank of ``comm``
 must construct the layer, in the same order relative to other layers,
@@ -122,8 +123,9 @@ class SyncBatchNorm:
         self.group_comm = group_comm_for(comm, process_groups)     # collective on first use
         if debug_timeout is not None:
             self.group_comm.debug_timeout = float(debug_timeout)
-        # One preallocated buffer serves both passes: forward sends [mean, m2]
-        # per rank, backward [sum_dy, sum_dy_xhat]; tags tell the passes apart.
+        # The group's one preallocated buffer serves both passes: forward sends
+        # [mean, m2] per rank, backward [sum_dy, sum_dy_xhat]; tags tell the
+        # layers and passes apart.
         self._exchange = RowExchange(self.group_comm, num_features, 2)
         self._serial = self.group_comm.new_layer_serial()
         self._calls = 0

@@ -34,8 +34,9 @@ class Saved:
     nothing.
     """
 
-    def __init__(self, x, shape, mean, inv_std, gamma, count, group_comm, exchange, tag):
+    def __init__(self, x, shape, mean, inv_std, var, gamma, count, group_comm, exchange, tag):
         self.x, self.shape, self.mean, self.inv_std, self.gamma = x, shape, mean, inv_std, gamma
+        self.var = var            # biased batch variance (None with constant statistics)
         self.count = count
         self.group_comm, self.exchange, self.tag = group_comm, exchange, tag
         self.used = False
@@ -76,8 +77,7 @@ def sync_batch_norm(x, gamma, beta, *, group_comm, eps=1e-5, training=True, runn
         count = var = None
     x3 = F.as_ncl(x)
     y = F.batch_norm_elemt(x3, mean, inv_std, gamma, beta)
-    saved = Saved(x3, x.shape, mean, inv_std, gamma, count, group_comm, exchange, tag)
-    saved.var = var
+    saved = Saved(x3, x.shape, mean, inv_std, var, gamma, count, group_comm, exchange, tag)
     return y.reshape(x.shape), saved
 
 
