@@ -95,7 +95,7 @@ class GroupComm:
         timeout = os.environ.get("MPIBN_DEBUG_TIMEOUT")
         self.debug_timeout = float(timeout) if timeout else None
         self._users = 0
-        self._key = None
+        self._cache, self._key = {}, None     # where group_comm_for keeps this group
         self._layers = 0
         self._buf = np.zeros((self.size, HEADER))
 
@@ -172,7 +172,7 @@ class GroupComm:
         self._users -= 1
         if self._users > 0:
             return
-        _CACHE.pop(self._key, None)
+        self._cache.pop(self._key, None)
         if self.comm is not None:
             self.comm.Free()
             self.comm = None
@@ -187,10 +187,23 @@ _DEBUG_TAG = 0x6D70   # point-to-point tag of the debug-mode "I am here" message
 # Comm.Split calls made so far (tests check that layers share communicators).
 split_calls = 0
 
-# (parent handle, canonical groups) -> GroupComm. Every rank of the parent
-# builds the same layers in the same order, so a hit on one rank is a hit on
-# all: Comm.Split (a collective) is called by all ranks or by none.
-_CACHE = {}
+# The cache lives *on the parent communicator*, as an MPI attribute (the
+# standard way for a library to keep per-communicator state): a dict
+# {canonical groups: GroupComm}. It dies with the parent, so a communicator
+# freed and another created with the same handle can never be confused.
+# Every rank of the parent builds the same layers in the same order, so a
+# hit on one rank is a hit on all: Comm.Split (a collective) is called by
+# all ranks or by none.
+_KEYVAL = MPI.Comm.Create_keyval()
+
+
+def group_cache(comm):
+    """{canonical process_groups: GroupComm} kept on ``comm``."""
+    cache = comm.Get_attr(_KEYVAL)
+    if cache is None:
+        cache = {}
+        comm.Set_attr(_KEYVAL, cache)
+    return cache
 
 
 def group_comm_for(comm, process_groups):
@@ -201,12 +214,12 @@ def group_comm_for(comm, process_groups):
     same order. Later layers with the same grouping share the communicator.
     """
     groups = validate_process_groups(process_groups, comm.Get_size())
-    key = (comm.py2f(), groups)
-    group = _CACHE.get(key)
+    cache = group_cache(comm)
+    group = cache.get(groups)
     if group is None:
         group = _split(comm, groups)
-        group._key = key
-        _CACHE[key] = group
+        group._cache, group._key = cache, groups
+        cache[groups] = group
     group._users += 1
     return group
 

@@ -22,14 +22,14 @@ def test_thousand_layers_share_one_communicator():
     layers = [SyncBatchNorm(4, comm=parent) for _ in range(1000)]
     groups = {id(bn.group_comm) for bn in layers}
     splits_made = mpibn_comm.split_calls - splits
-    key = layers[0].group_comm._key
+    cache = mpibn_comm.group_cache(parent)
     for bn in layers[:-1]:
         bn.close()
-    still_cached = key in mpibn_comm._CACHE
+    still_cached = None in cache
     layers[-1].close()
     parent.Free()
     assert len(groups) == 1 and splits_made == 1
-    assert still_cached and key not in mpibn_comm._CACHE      # freed with its last user
+    assert still_cached and None not in cache      # freed with its last user
 
 
 @pytest.mark.mpi(min_size=2)
@@ -136,3 +136,19 @@ def test_debug_timeout_names_the_rank_that_never_called():
     text = out.stdout + out.stderr
     assert out.returncode != 0
     assert "CollectiveTimeout" in text and "never arrived: [2]" in text
+
+
+def test_cache_dies_with_its_parent_communicator():
+    # A freed parent's handle may be reused by the next communicator; the
+    # cache is an attribute of the parent, so it cannot hand out a stale group.
+    first = MPI.COMM_SELF.Dup()
+    kept = SyncBatchNorm(2, comm=first)          # never closed
+    first.Free()
+    second = MPI.COMM_SELF.Dup()
+    before = mpibn_comm.split_calls
+    fresh = SyncBatchNorm(2, comm=second)
+    made = mpibn_comm.split_calls - before
+    distinct = fresh.group_comm is not kept.group_comm
+    fresh.close()
+    second.Free()
+    assert made == 1 and distinct
