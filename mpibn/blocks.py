@@ -11,11 +11,15 @@ the next block is read. The loop runs over blocks; it is never a loop
 over single channels or elements (unless one channel of one sample is
 itself bigger than a block), and every block is handed whole to NumPy.
 
-Block shapes (nb, cb, lb), with B = BLOCK::
+Block shapes (nb, cb, lb), with B = BLOCK (smaller for small arrays, so
+that the scratch stays below the input's size)::
 
-    C * L <= B      (nb, C, L)   nb = B // (C * L) samples at a time
-    L <= B          (1, cb, L)   cb = B // L channels of one sample
+    C * L <= B      (nb, cb, L)  nb = B // (cb * L) samples at a time
+    L <= B          (1, cb, L)   about B // L channels of one sample
     L > B           (1, 1, lb)   lb = B positions of one channel
+
+where cb is rounded so that the channel blocks come in multiples of 4
+(threads take whole channel blocks).
 
 ``each`` visits the blocks channel block by channel block. Per-channel
 vectors (mean, scale, ...) are expanded once per channel block to the
@@ -82,16 +86,23 @@ def _plan(shape, block):
     """((channel slice, (Block, ...)), ...): the blocks, channel block by channel block."""
     num, channels, length = shape
     nb, cb, lb = _sizes(shape, block)
+    spans = [(slice(n0, min(n0 + nb, num)), slice(l0, min(l0 + lb, length)))
+             for n0 in range(0, num, nb) for l0 in range(0, length, lb)]
     groups = []
     for c0 in range(0, channels, cb):
         c = slice(c0, min(c0 + cb, channels))
-        groups.append((c, tuple(Block(slice(n0, min(n0 + nb, num)), c, slice(l0, min(l0 + lb, length)))
-                                for n0 in range(0, num, nb) for l0 in range(0, length, lb))))
+        groups.append((c, tuple(Block(n, c, l) for n, l in spans)))
     return tuple(groups), (nb, cb, lb)
 
 
-def each(shape, vectors, k, body):
-    """Call ``body(block, expanded, scratch)`` for every block of a (N, C, L) array.
+def _block(x):
+    # Small arrays get smaller blocks, so that the scratch buffers (at most
+    # six blocks of float64) stay under the size of the input itself.
+    return min(BLOCK, max(256, x.nbytes // 64))
+
+
+def each(x, vectors, k, body):
+    """Call ``body(block, expanded, scratch)`` for every block of a (N, C, L) array x.
 
     ``expanded`` holds each (C,) vector of ``vectors`` as float64 broadcast
     to the block's shape (a real array, not a stride-0 view), ``scratch`` k
@@ -103,7 +114,7 @@ def each(shape, vectors, k, body):
     are bitwise the same for every thread count; ``body`` must only write
     to the block's own elements and channels.
     """
-    groups, full = _plan(tuple(shape), BLOCK)
+    groups, full = _plan(x.shape, _block(x))
     vectors = [np.asarray(v, np.float64) for v in vectors]
     if THREADS == 1 or len(groups) == 1:
         return _visit(groups, full, vectors, k, body)
@@ -119,14 +130,17 @@ def _visit(groups, full, vectors, k, body):
     size = full[0] * full[1] * full[2]
     bufs = [np.empty(size) for _ in range(k)]
     wide = [np.empty(full) for _ in vectors]
+    views = {}      # block shape -> (expanded, scratch) views, made once per shape
     for c, members in groups:
-        cb = c.stop - c.start
         for w, v in zip(wide, vectors):
-            w[:, :cb] = v[c, None]                  # once per channel block
+            w[:, :c.stop - c.start] = v[c, None]    # once per channel block
         for b in members:
-            nb, _, lb = b.shape
-            body(b, tuple(w[:nb, :cb, :lb] for w in wide),
-                 tuple(buf[:nb * cb * lb].reshape(b.shape) for buf in bufs))
+            view = views.get(b.shape)
+            if view is None:
+                nb, cb, lb = b.shape
+                view = views[b.shape] = (tuple(w[:nb, :cb, :lb] for w in wide),
+                                         tuple(buf[:nb * cb * lb].reshape(b.shape) for buf in bufs))
+            body(b, *view)
 
 
 _POOL = None

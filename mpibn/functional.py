@@ -59,6 +59,10 @@ import numpy as np
 
 from . import blocks
 
+# Shards of at most this many values take all of x as the head of
+# batch_norm_stats (tests set it to 0 to exercise the head on small arrays).
+SMALL_SHARD = 1 << 16
+
 __all__ = [
     "as_ncl", "batch_norm_stats", "merge_stats", "inv_std_from_var",
     "batch_norm_elemt", "batch_norm_backward_reduce",
@@ -89,12 +93,18 @@ def batch_norm_stats(x):
         d = x - K,   mean = K + sum(d)/n,   m2 = sum(d^2) - sum(d)^2/n
 
     Its relative rounding error is of order eps * (1 + n (mean - K)^2 / m2),
-    whatever |mean|/std. K is the mean of the first ceil(N/16) samples (the
-    head), and the head's own deviations bound the term: n_head (K - mean)^2
-    <= sum_head (x - mean)^2 <= m2, so n (mean - K)^2 / m2 <= n / n_head <= 16
-    for any data. So m2 is as accurate as with the exact mean as shift, and
-    x is read from memory once (plus the head), one cache-sized block at a
-    time (``mpibn.blocks``). An empty shard gives (0, 0, 0).
+    whatever |mean|/std: x - K is (nearly) exact where x is close to K. K is
+    the mean of the first ceil(N/16) samples (the head; all of x when x is
+    small: then this is the classic two-pass algorithm), and the head's own
+    deviations bound the extra term: n_head (K - mean)^2 <= sum_head (x -
+    mean)^2 <= m2, so n (mean - K)^2 / m2 <= n / n_head <= 16 for any data.
+    So m2 is as accurate as with the exact mean as shift, and x is read from
+    memory once (plus the head), one cache-sized block at a time
+    (``mpibn.blocks``). An empty shard gives (0, 0, 0).
+
+    (One shift for all blocks, not a mean per block: block means merged like
+    rank means would each carry a rounding error of order eps*|mean|, which
+    the between-block term turns into an error of order eps*|mean|/std in m2.)
 
     x: (N, C, L) of any float dtype. Returns (n, mean, m2).
     """
@@ -102,17 +112,19 @@ def batch_norm_stats(x):
     count = num * length
     if count == 0:
         return 0, np.zeros(channels), np.zeros(channels)
-    head = x[:-(-num // 16)]
+    # A small shard is its own head (K = its first-pass mean): the extra pass
+    # costs nothing there, and it keeps sum(d) from drifting on few values.
+    head = x if x.size <= SMALL_SHARD else x[:-(-num // 16)]
     shift = np.add.reduce(head, axis=(0, 2), dtype=np.float64) / (head.shape[0] * length)
     d_sum, d_sq = np.zeros(channels), np.zeros(channels)
 
-    def block(b, shift, scratch):
-        (k,), (d,) = shift, scratch
+    def block(b, vectors, scratch):
+        (k,), (d,) = vectors, scratch
         np.copyto(d, x[b.index])                    # float64 copy of the block
         d -= k                                      # d = x - K
         d_sum[b.c] += blocks.sums(d)
         d_sq[b.c] += blocks.dots(d, d)
-    blocks.each(x.shape, (shift,), 1, block)
+    blocks.each(x, (shift,), 1, block)
     m2 = d_sq - d_sum * d_sum / count
     return count, shift + d_sum / count, np.maximum(m2, 0.0)
 
@@ -185,7 +197,7 @@ def batch_norm_elemt(x, mean, inv_std, gamma, beta, out_dtype=None, out=None):
         d += be
         if not direct:
             np.copyto(y[b.index], d, casting="same_kind")
-    blocks.each(x.shape, (mean, scale, beta), 0 if direct else 1, block)
+    blocks.each(x, (mean, scale, beta), 0 if direct else 1, block)
     return y
 
 
@@ -223,7 +235,7 @@ def batch_norm_backward_reduce(dy, xhat=None, *, x=None, mean=None, inv_std=None
             h -= vectors[0]                         # x - mean
         sum_dy[b.c] += blocks.sums(g)
         sum_dy_xhat[b.c] += blocks.dots(g, h)
-    blocks.each(dy.shape, () if mean is None else (mean,), 2, block)
+    blocks.each(dy, () if mean is None else (mean,), 2, block)
     if mean is not None:
         sum_dy_xhat *= inv_std
     return sum_dy, sum_dy_xhat
@@ -270,7 +282,7 @@ def batch_norm_backward_elemt(dy, xhat, gamma, inv_std, mean_dy, mean_dy_xhat,
         t -= h
         t *= k
         np.copyto(dx[b.index], t, casting="same_kind")
-    blocks.each(dy.shape, (mean, coef, mean_dy, scale), 2, block)
+    blocks.each(dy, (mean, coef, mean_dy, scale), 2, block)
     return dx
 
 

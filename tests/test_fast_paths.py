@@ -1,0 +1,185 @@
+"""The blocked fast paths of the math room against straightforward formulas.
+
+``mpibn.functional`` works block by block (``mpibn.blocks``). These tests
+make the blocks tiny, so that small arrays are cut into many blocks,
+partial blocks and split rows, and check every function against the
+textbook float64 formulas and against exact arithmetic (tests/oracle.py),
+including |mean|/std = 1e8, float16/float32 results to 1 ulp, empty shards
+and 2-D input. None of them depends on the number of ranks.
+"""
+import tracemalloc
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from mpibn import SyncBatchNorm, blocks
+from mpibn import functional as F
+from oracle import exact_batch_norm, plain_batch_norm, ulp_distance
+
+EPS = 1e-5
+SHAPES = [(5, 3, 4, 6), (7, 5), (2, 3, 300), (1, 2, 1000), (9, 1)]
+
+
+@pytest.fixture(params=[7, 64, None], ids=["block7", "block64", "default"])
+def block(request, monkeypatch):
+    """Block size in values: 7 and 64 cut small arrays into many (partial)
+    blocks. With small blocks, batch_norm_stats also takes its shift from
+    the head (the first 1/16 of the samples) as it does for big arrays."""
+    if request.param is not None:
+        monkeypatch.setattr(blocks, "BLOCK", request.param)
+        monkeypatch.setattr(F, "SMALL_SHARD", 0)
+    return request.param
+
+
+def ncl(a):
+    return F.as_ncl(a) if a.ndim != 3 else a
+
+
+def data(shape, dtype, offset=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    x = (offset + rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    c = shape[1]
+    return x, dy, np.linspace(0.5, 2.0, c), np.linspace(-1.0, 1.0, c)
+
+
+def fast(x, dy, gamma, beta):
+    """The math room's functions, as the layer composes them on one rank."""
+    x3, dy3 = ncl(x), ncl(dy)
+    n, mean, m2 = F.batch_norm_stats(x3)
+    inv_std = F.inv_std_from_var(m2 / n, EPS)
+    y = F.batch_norm_elemt(x3, mean, inv_std, gamma, beta)
+    sum_dy, sum_dy_xhat = F.batch_norm_backward_reduce(dy3, x=x3, mean=mean, inv_std=inv_std)
+    dx = F.batch_norm_backward_elemt(dy3, None, gamma, inv_std, sum_dy / n, sum_dy_xhat / n,
+                                     x=x3, mean=mean)
+    return mean, m2 / n, y.reshape(x.shape), dx.reshape(x.shape), sum_dy, sum_dy_xhat
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_fast_paths_match_textbook_formulas(block, shape, dtype):
+    x, dy, gamma, beta = data(shape, dtype, offset=3.0)
+    mean, var, y, dx, sum_dy, sum_dy_xhat = fast(x, dy, gamma, beta)
+    y_ref, dx_ref, mean_ref, var_ref = plain_batch_norm(x, dy, gamma, beta, EPS)
+    np.testing.assert_allclose(mean, mean_ref, rtol=1e-14)
+    np.testing.assert_allclose(var, var_ref, rtol=1e-12)
+    assert y.dtype == dx.dtype == dtype and y.shape == dx.shape == x.shape
+    if dtype == np.float64:
+        np.testing.assert_allclose(y, y_ref, rtol=1e-13, atol=1e-13)
+        np.testing.assert_allclose(dx, dx_ref, rtol=1e-12, atol=1e-12)
+    else:
+        # One rounding from (nearly) the float64 result: within 1 ulp.
+        assert ulp_distance(y, y_ref.astype(dtype)).max() <= 1
+        assert ulp_distance(dx, dx_ref.astype(dtype)).max() <= 1
+    xhat = (ncl(x).astype(np.float64) - mean[:, None]) / np.sqrt(var + EPS)[:, None]
+    np.testing.assert_allclose(sum_dy, ncl(dy).astype(np.float64).sum(axis=(0, 2)), rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(sum_dy_xhat, np.einsum("ncl,ncl->c", ncl(dy).astype(np.float64), xhat),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1e4, 1e8])
+def test_float64_within_the_bar_of_exact_results(block, ratio):
+    """float64 y and dx within 64 eps (1 + |mean|/std) of exact, |mean|/std up to 1e8."""
+    x, dy, gamma, beta = data((20, 3, 9), np.float64, offset=ratio, seed=1)
+    mean, var, y, dx, _, _ = fast(x, dy, gamma, beta)
+    y_ex, dx_ex, means, variances = exact_batch_norm(x, dy, gamma, beta, EPS)
+    bar = 64 * np.finfo(np.float64).eps * (1 + ratio)
+    assert np.abs(y - y_ex).max() <= bar * np.abs(y_ex).max()
+    assert np.abs(dx - dx_ex).max() <= bar * np.abs(dx_ex).max()
+    # The statistics themselves lose nothing to |mean|/std (centred m2).
+    for c in range(3):
+        assert abs(var[c] - float(variances[c])) <= 64 * np.finfo(float).eps * float(variances[c])
+        assert abs(mean[c] - float(means[c])) <= 4 * np.finfo(float).eps * (abs(float(means[c])) + 1)
+
+
+@pytest.mark.parametrize("dtype, ratio", [(np.float32, 0.0), (np.float32, 1e3), (np.float16, 0.0),
+                                          (np.float16, 10.0)])
+def test_low_precision_outputs_within_one_ulp_of_exact(block, dtype, ratio):
+    x, dy, gamma, beta = data((6, 2, 11), dtype, offset=ratio, seed=2)
+    _, _, y, dx, _, _ = fast(x, dy, gamma, beta)
+    y_ex, dx_ex, _, _ = exact_batch_norm(x, dy, gamma, beta, EPS)
+    assert ulp_distance(y, y_ex.astype(dtype)).max() <= 1
+    assert ulp_distance(dx, dx_ex.astype(dtype)).max() <= 1
+
+
+def test_negative_control_folded_float32_misses_the_ulp_bar():
+    # x*scale + shift in float32 (no x - mean first) is far outside 1 ulp
+    # here, so the ulp test above can fail.
+    x, dy, gamma, beta = data((6, 2, 11), np.float32, offset=1e3, seed=2)
+    y_ex = exact_batch_norm(x, dy, gamma, beta, EPS)[0].astype(np.float32)
+    mean = x.astype(np.float64).mean(axis=(0, 2))
+    scale = (gamma / np.sqrt(x.astype(np.float64).var(axis=(0, 2)) + EPS)).astype(np.float32)
+    shift = (beta - mean * scale).astype(np.float32)
+    folded = x * scale[None, :, None] + shift[None, :, None]
+    assert ulp_distance(folded, y_ex).max() > 100
+
+
+def test_xhat_path_and_kept_x_path_agree(block):
+    x, dy, gamma, beta = data((5, 3, 70), np.float32, offset=2.0, seed=3)
+    x3, dy3 = ncl(x), ncl(dy)
+    n, mean, m2 = F.batch_norm_stats(x3)
+    inv_std = F.inv_std_from_var(m2 / n, EPS)
+    xhat = (x3 - mean[:, None]) * inv_std[:, None]
+    a = F.batch_norm_backward_reduce(dy3, xhat)
+    b = F.batch_norm_backward_reduce(dy3, x=x3, mean=mean, inv_std=inv_std)
+    np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-12)
+    dx_a = F.batch_norm_backward_elemt(dy3, xhat, gamma, inv_std, a[0] / n, a[1] / n)
+    dx_b = F.batch_norm_backward_elemt(dy3, None, gamma, inv_std, a[0] / n, a[1] / n, x=x3, mean=mean)
+    assert ulp_distance(dx_a, dx_b).max() <= 1
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_empty_shard(block, dtype):
+    x = np.zeros((0, 3, 4), dtype)
+    count, mean, m2 = F.batch_norm_stats(x)
+    assert count == 0 and not mean.any() and not m2.any()
+    y = F.batch_norm_elemt(x, np.ones(3), np.ones(3), np.ones(3), np.ones(3))
+    assert y.shape == x.shape and y.dtype == dtype
+    sums = F.batch_norm_backward_reduce(x, x=x, mean=np.ones(3), inv_std=np.ones(3))
+    assert [s.tolist() for s in sums] == [[0.0] * 3, [0.0] * 3]
+    dx = F.batch_norm_backward_elemt(x, None, np.ones(3), np.ones(3), np.ones(3), np.ones(3), x=x, mean=np.ones(3))
+    assert dx.shape == x.shape and dx.dtype == dtype
+
+
+def test_results_do_not_depend_on_the_thread_count(monkeypatch):
+    monkeypatch.setattr(blocks, "BLOCK", 50)
+    x, dy, gamma, beta = data((6, 9, 40), np.float32, offset=1.0, seed=4)
+    runs = []
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(blocks, "THREADS", threads)
+        runs.append(fast(x, dy, gamma, beta))
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert np.array_equal(a, b)
+    with pytest.raises(ValueError, match="threads must be an int >= 1"):
+        blocks.set_threads(0)
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (3, 4, 6, 5)])
+def test_layer_2d_and_4d_against_textbook(block, shape):
+    x, dy, _, _ = data(shape, np.float32, offset=1.5, seed=5)
+    with SyncBatchNorm(shape[1], comm=MPI.COMM_SELF).set_train() as bn:
+        y = bn(x)
+        dx = bn.backward(dy)
+    y_ref, dx_ref, _, _ = plain_batch_norm(x, dy, np.ones(shape[1]), np.zeros(shape[1]), 1e-5)
+    assert ulp_distance(y, y_ref.astype(np.float32)).max() <= 1
+    assert ulp_distance(dx, dx_ref.astype(np.float32)).max() <= 1
+
+
+def test_no_full_size_float64_temporary():
+    """Peak temporary memory per pass at most 1x the input beyond y or dx
+    (a float64 copy of a float32 input alone would be 2x)."""
+    x, dy, _, _ = data((16, 8, 32, 32), np.float32, seed=6)
+    with SyncBatchNorm(8, comm=MPI.COMM_SELF).set_train() as bn:
+        bn(x)
+        bn.backward(dy)                                  # warm-up: caches, plans
+        peaks = []
+        for fn in (lambda: bn(x), lambda: bn.backward(dy)):
+            tracemalloc.start()
+            base = tracemalloc.get_traced_memory()[0]
+            out = fn()
+            peaks.append(tracemalloc.get_traced_memory()[1] - base - out.nbytes)
+            tracemalloc.stop()
+        assert np.shares_memory(bn._saved.x, x)          # backward keeps x itself, no copy
+    assert max(peaks) <= x.nbytes, [p / x.nbytes for p in peaks]
