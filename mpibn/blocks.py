@@ -70,6 +70,11 @@ def _sizes(shape, block):
     num, channels, length = shape
     if length > block:
         return 1, 1, block
+    if num * length >= block // 4:
+        # A channel holds a good share of a block: one channel per block, so
+        # that per-channel vectors are plain scalars (no expansion at all).
+        chunks = -(-num // max(1, block // length))
+        return -(-num // chunks), 1, length
     cb = channels if channels * length <= block else max(1, block // length)
     # Threads take whole channel blocks: make their number a multiple of 4
     # (when there are enough channels) so that with 1, 2 or 4 threads none
@@ -77,7 +82,7 @@ def _sizes(shape, block):
     # neither do the sums.
     groups = -(-channels // cb)
     cb = -(-channels // min(channels, -(-groups // 4) * 4))
-    nb = max(1, min(num, block // (cb * length))) if channels * length <= block else 1
+    nb = max(1, min(num, block // (cb * length)))
     return nb, cb, length
 
 
@@ -129,9 +134,17 @@ def each(x, vectors, k, body):
 def _visit(groups, full, vectors, k, body):
     size = full[0] * full[1] * full[2]
     bufs = [np.empty(size) for _ in range(k)]
-    wide = [np.empty(full) for _ in vectors]
+    wide = [np.empty(full) for _ in vectors] if full[1] > 1 else []
     views = {}      # block shape -> (expanded, scratch) views, made once per shape
     for c, members in groups:
+        if c.stop - c.start == 1:                   # one channel: scalars will do
+            scalars = tuple(v[c.start] for v in vectors)
+            for b in members:
+                view = views.get(b.shape)
+                if view is None:
+                    view = views[b.shape] = tuple(buf[:b.count].reshape(b.shape) for buf in bufs)
+                body(b, scalars, view)
+            continue
         for w, v in zip(wide, vectors):
             w[:, :c.stop - c.start] = v[c, None]    # once per channel block
         for b in members:

@@ -142,9 +142,10 @@ def test_empty_shard(block, dtype):
     assert dx.shape == x.shape and dx.dtype == dtype
 
 
-def test_results_do_not_depend_on_the_thread_count(monkeypatch):
+@pytest.mark.parametrize("shape", [(6, 9, 40), (40, 9)])      # one-channel and many-channel blocks
+def test_results_do_not_depend_on_the_thread_count(monkeypatch, shape):
     monkeypatch.setattr(blocks, "BLOCK", 50)
-    x, dy, gamma, beta = data((6, 9, 40), np.float32, offset=1.0, seed=4)
+    x, dy, gamma, beta = data(shape, np.float32, offset=1.0, seed=4)
     runs = []
     for threads in (1, 2, 3):
         monkeypatch.setattr(blocks, "THREADS", threads)
