@@ -14,17 +14,18 @@ itself bigger than a block), and every block is handed whole to NumPy.
 Block shapes (nb, cb, lb), with B = BLOCK (smaller for small arrays, so
 that the scratch stays below the input's size)::
 
-    C * L <= B      (nb, cb, L)  nb = B // (cb * L) samples at a time
-    L <= B          (1, cb, L)   about B // L channels of one sample
     L > B           (1, 1, lb)   lb = B positions of one channel
+    N * L >= B / 4  (nb, 1, L)   one channel, about B // L samples
+    otherwise       (nb, cb, L)  several channels, nb * cb * L <= B
 
-where cb is rounded so that the channel blocks come in multiples of 4
-(threads take whole channel blocks).
+In the last case cb is rounded so that the channel blocks come in
+multiples of 4 (threads take whole channel blocks).
 
 ``each`` visits the blocks channel block by channel block. Per-channel
-vectors (mean, scale, ...) are expanded once per channel block to the
-block's full shape: NumPy adds two same-shape arrays about twice as fast
-as it broadcasts a (cb, 1) column over a block, and the expansion is
+vectors (mean, scale, ...) become plain scalars for a one-channel block;
+for a block of several channels they are expanded once per channel block
+to the block's full shape: NumPy adds two same-shape arrays about twice as
+fast as it broadcasts a (cb, 1) column over a block, and the expansion is
 shared by every block of those channels.
 
 ``sums`` and ``dots`` reduce a float64 block per channel over its sample
@@ -187,8 +188,11 @@ def _ones(n):
 
 
 def sums(a):
-    """sum_{n,l} a[n, c, l] for a float64 block (nb, cb, lb) -> (cb,)."""
+    """sum_{n,l} a[n, c, l] for a float64 block (nb, cb, lb) -> (cb,)
+    (a scalar for a one-channel scratch block: one BLAS dot for all of it)."""
     nb, cb, lb = a.shape
+    if cb == 1 and a.flags.c_contiguous:
+        return a.reshape(-1) @ _ones(a.size)
     if lb == 1:
         return _ones(nb) @ a[:, :, 0]                   # BLAS gemv
     if _vecdot is not None and lb >= _VECDOT_MIN:
@@ -197,7 +201,9 @@ def sums(a):
 
 
 def dots(a, b):
-    """sum_{n,l} a[n, c, l] * b[n, c, l] for float64 blocks -> (cb,)."""
+    """sum_{n,l} a[n, c, l] * b[n, c, l] for float64 blocks -> (cb,) (or a scalar, as sums)."""
+    if a.shape[1] == 1 and a.flags.c_contiguous and b.flags.c_contiguous:
+        return a.reshape(-1) @ b.reshape(-1)
     if _vecdot is not None and a.shape[2] >= _VECDOT_MIN:
         return _vecdot(a, b).sum(axis=0)
     return np.einsum("ncl,ncl->c", a, b)
