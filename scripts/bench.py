@@ -38,7 +38,7 @@ SHAPES = [((32, 64, 56, 56), "float32"), ((256, 1024), "float32"),
           ((8, 256, 28, 28), "float64"), ((16, 64, 28, 28), "float16")]
 SMOKE_SHAPES = [((4, 3, 5, 5), "float32"), ((6, 4), "float16")]
 MPI_SHAPES = [((32, 64, 56, 56), "float32"), ((256, 1024), "float32")]
-OVERSUBSCRIBED_ENV = {"MPIR_CVAR_ENABLE_HEAVY_YIELD": "1"}
+YIELD_ENV = {"MPIR_CVAR_ENABLE_HEAVY_YIELD": "1"}
 
 
 def parse(argv):
@@ -237,11 +237,10 @@ def relaunch(nprocs):
            "--worker", path, "--repeats", str(ARGS.repeats), "--warmup", str(ARGS.warmup),
            "--threads", str(ARGS.threads)]
     progress(f"mpiexec -n {nprocs}: weak scaling ...")
-    env = dict(os.environ)
-    if nprocs > os.cpu_count():
-        # More ranks than cores: MPICH's busy-polling rank would otherwise
-        # hold a core that a rank still computing needs.
-        env.update(OVERSUBSCRIBED_ENV)
+    # MPICH's waiting ranks poll without yielding: on a machine with more
+    # ranks (or other busy programs) than cores, a waiting rank would hold a
+    # core that a rank still computing needs. Ask it to yield (MPICH only).
+    env = dict(os.environ, **YIELD_ENV)
     try:
         rc = subprocess.run(cmd, timeout=900, env=env).returncode
         with open(path) as f:
@@ -278,6 +277,26 @@ def table(results, scaling):
                          f"{s['allreduce_per_step']:.0f}"
                          + (" (more ranks than cores)" if s.get("oversubscribed") else ""))
     return "\n".join(lines)
+
+
+def bars(results, scaling):
+    """The issue's bars, checked on this run's numbers: [(what, value, limit)]."""
+    out = []
+    main = next((r for r in results if r["shape"] == [32, 64, 56, 56] and r["dtype"] == "float32"), None)
+    if main:
+        t, m = main["times_s"], main["peak_temp_x_input"]
+        if "torch" in t:
+            out.append(("(32, 64, 56, 56) float32 fwd+bwd / torch", t["mpibn"] / t["torch"], 1.5))
+        out.append(("(32, 64, 56, 56) float32 fwd+bwd / copy", t["mpibn"] / t["copy"], 6.0))
+    for r in results:
+        if np.prod(r["shape"]) * np.dtype(r["dtype"]).itemsize < 1 << 20:
+            continue            # tiny arrays: fixed costs (a few KiB) dominate any ratio
+        out.append((f"{tuple(r['shape'])} {r['dtype']} peak temporary / input",
+                    max(r["peak_temp_x_input"]["mpibn_fwd"], r["peak_temp_x_input"]["mpibn_bwd"]), 1.0))
+    for s in scaling:
+        if s["ranks"] == 4:
+            out.append((f"P=4 {tuple(s['share'])} synced / alone", s["synced_s"] / s["alone_s"], 1.3))
+    return out
 
 
 def plot(results, scaling, path):
@@ -339,10 +358,14 @@ def main():
               "threads": ARGS.threads, "repeats": ARGS.repeats, "warmup": ARGS.warmup,
               "cpus": os.cpu_count(), "loadavg_before": load, "loadavg_after": os.getloadavg(),
               "numpy": np.__version__, "torch": getattr(torch, "__version__", None),
-              "block": blocks.BLOCK, "oversubscribed_env": OVERSUBSCRIBED_ENV,
+              "block": blocks.BLOCK, "mpi_env": YIELD_ENV,
               "results": results, "weak_scaling": scaling}
     text = table(results, scaling)
+    report["bars"] = [{"what": w, "value": v, "limit": lim, "holds": v <= lim} for w, v, lim in bars(results, scaling)]
     print(text)
+    print("\nbars:")
+    for b in report["bars"]:
+        print(f"  {b['what']:48s} {b['value']:6.2f}  (at most {b['limit']}: {'holds' if b['holds'] else 'MISSED'})")
     print(f"load average before {load[0]:.2f}, after {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     out = ARGS.out or os.path.join(ROOT, "docs")
     os.makedirs(out, exist_ok=True)
