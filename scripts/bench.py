@@ -45,7 +45,7 @@ def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--np", type=int, nargs="*", default=[2, 4],
                    help="rank counts to relaunch under mpiexec (none: single process only)")
-    p.add_argument("--repeats", type=int, default=9, help="timed repeats per candidate (median)")
+    p.add_argument("--repeats", type=int, default=15, help="timed repeats per candidate (median)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="threads for mpibn, torch and BLAS alike")
     p.add_argument("--quick", action="store_true", help="3 repeats, 1 warm-up")
@@ -163,7 +163,17 @@ def bench_shape(shape, dtype, label):
     out = np.empty_like(x)
     gamma, beta = bn.gamma.data.copy(), bn.beta.data.copy()
 
-    cands = {"mpibn": lambda: (bn(x), bn.backward(dy)),
+    split = {"fwd": [], "bwd": []}
+
+    def step():
+        t0 = time.perf_counter()
+        bn(x)
+        t1 = time.perf_counter()
+        bn.backward(dy)
+        split["fwd"].append(t1 - t0)
+        split["bwd"].append(time.perf_counter() - t1)
+
+    cands = {"mpibn": step,
              "copy": lambda: np.copyto(out, x),
              "naive": lambda: naive_backward(dy, naive_forward(x, gamma, beta)[1])}
     if has_exact():
@@ -180,15 +190,8 @@ def bench_shape(shape, dtype, label):
             print(f"\n  torch skipped for {label}: {str(e).splitlines()[0]}", file=sys.stderr)
     progress(f"{label}: timing {', '.join(cands)} ...")
     t = interleaved(cands, ARGS.repeats, ARGS.warmup)
-    # forward and backward alone: a forward before each backward, not timed
-    progress(f"{label}: timing forward and backward alone ...")
-    fb = {"fwd": [], "bwd": []}
-    for i in range(ARGS.warmup + ARGS.repeats):
-        t0 = time.perf_counter(); bn(x); t1 = time.perf_counter(); bn.backward(dy); t2 = time.perf_counter()
-        if i >= ARGS.warmup:
-            fb["fwd"].append(t1 - t0)
-            fb["bwd"].append(t2 - t1)
-    t["mpibn_fwd"], t["mpibn_bwd"] = (float(np.median(fb[k])) for k in ("fwd", "bwd"))
+    # forward and backward apart, from the same interleaved runs (warm-up dropped)
+    t["mpibn_fwd"], t["mpibn_bwd"] = (float(np.median(split[k][ARGS.warmup:])) for k in ("fwd", "bwd"))
     progress(f"{label}: peak temporary memory ...")
     mem = {"mpibn_fwd": peak_temp(lambda: bn(x), x.nbytes) / x.nbytes}
     mem["mpibn_bwd"] = peak_temp(lambda: bn.backward(dy), x.nbytes) / x.nbytes
