@@ -184,3 +184,16 @@ def test_no_full_size_float64_temporary():
             tracemalloc.stop()
         assert np.shares_memory(bn._saved.x, x)          # backward keeps x itself, no copy
     assert max(peaks) <= x.nbytes, [p / x.nbytes for p in peaks]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_out_arrays_are_filled_and_returned(block, dtype):
+    x, dy, gamma, beta = data((4, 3, 5), dtype, offset=1.0, seed=7)
+    n, mean, m2 = F.batch_norm_stats(x)
+    inv_std = F.inv_std_from_var(m2 / n, EPS)
+    y_out, dx_out = np.full_like(x, np.nan), np.full_like(x, np.nan)
+    y = F.batch_norm_elemt(x, mean, inv_std, gamma, beta, out=y_out)
+    dx = F.batch_norm_backward_elemt(dy, None, gamma, inv_std, mean, m2, x=x, mean=mean, out=dx_out)
+    assert y is y_out and dx is dx_out
+    assert np.array_equal(y, F.batch_norm_elemt(x, mean, inv_std, gamma, beta))
+    assert np.array_equal(dx, F.batch_norm_backward_elemt(dy, None, gamma, inv_std, mean, m2, x=x, mean=mean))
