@@ -197,3 +197,22 @@ def test_out_arrays_are_filled_and_returned(block, dtype):
     assert y is y_out and dx is dx_out
     assert np.array_equal(y, F.batch_norm_elemt(x, mean, inv_std, gamma, beta))
     assert np.array_equal(dx, F.batch_norm_backward_elemt(dy, None, gamma, inv_std, mean, m2, x=x, mean=mean))
+
+
+@pytest.mark.parametrize("layout", ["transposed", "reversed", "fortran"])
+def test_non_contiguous_input_gives_the_same_results(block, layout):
+    x, dy, _, _ = data((12, 3, 4, 5), np.float32, offset=2.0, seed=8)
+    if layout == "transposed":
+        x2, dy2 = np.ascontiguousarray(x[:, :, 0, 0].T).T, np.ascontiguousarray(dy[:, :, 0, 0].T).T
+        x, dy = x[:, :, 0, 0], dy[:, :, 0, 0]
+    elif layout == "reversed":
+        x2, dy2 = x[::-1].copy()[::-1], dy[::-1].copy()[::-1]
+    else:
+        x2, dy2 = np.asfortranarray(x), np.asfortranarray(dy)
+    results = []
+    for a, b in ((x, dy), (x2, dy2)):
+        with SyncBatchNorm(3, comm=MPI.COMM_SELF).set_train() as bn:
+            results.append((bn(a), bn.backward(b), bn.gamma.grad, bn.beta.grad))
+    assert not (x2.flags.c_contiguous and dy2.flags.c_contiguous)
+    for u, v in zip(*results):
+        assert ulp_distance(u, v).max() <= 1
