@@ -153,25 +153,37 @@ def _split(comm, groups):
 
 
 class RowExchange:
-    """A preallocated (P, HEADER + k*C) buffer and the one Allreduce on it."""
+    """A preallocated (P, HEADER + k*C) buffer and the one Allreduce on it.
 
-    def __init__(self, group, channels, k):
+    With ``shared`` > 0 the same Allreduce also carries a summed region of
+    that many numbers after the rows (``exact=True`` sends its integer limbs
+    there): every rank adds its own contribution and gets the group's sum
+    in ``self.shared``. It is exact, whatever the reduction order, only for
+    integers whose partial sums stay below 2^53, which is all it is used for.
+    """
+
+    def __init__(self, group, channels, k, shared=0):
         self.group = group
         self.channels = channels
         self.k = k
-        self.buf = np.zeros((group.size, HEADER + k * channels))
+        rows = group.size * (HEADER + k * channels)
+        self._flat = np.zeros(rows + shared)
+        self.buf = self._flat[:rows].reshape(group.size, HEADER + k * channels)
+        self.shared = self._flat[rows:]
 
-    def exchange(self, problem, count, payload, context, tag=(0, 0)):
+    def exchange(self, problem, count, payload, context, tag=(0, 0), shared=None):
         """Send this rank's (problem, count, payload (k, C)); return every rank's.
 
         ``tag`` = (layer, call) identifies the call; all ranks must agree.
+        ``shared``: this rank's addend to the summed region (or None for zeros);
+        the group's sum is in ``self.shared`` afterwards.
 
         Returns (counts (P,), payloads (P, k, C)) after one Allreduce, or
         raises the agreed exception on every rank when any rank reported a
         problem. ``payload`` may be None when ``problem`` is set.
         """
         buf = self.buf
-        buf.fill(0.0)
+        self._flat.fill(0.0)
         row = buf[self.group.rank]
         row[2:4] = tag
         if problem is not None:
@@ -180,7 +192,9 @@ class RowExchange:
         else:
             row[1] = count
             row[HEADER:] = np.ravel(payload)
-        self.group.allreduce_sum(buf)
+            if shared is not None:
+                self.shared[:] = np.ravel(shared)
+        self.group.allreduce_sum(self._flat)
         raise_agreed(buf, self.group, context)
         check_tags(buf, self.group, context)
         return buf[:, 1].copy(), buf[:, HEADER:].reshape(-1, self.k, self.channels).copy()

@@ -15,9 +15,9 @@ import numbers
 
 import numpy as np
 
-from .comm import RowExchange, group_comm_for
+from .comm import group_comm_for
 from .init import initializer
-from .sync import sync_batch_norm, sync_batch_norm_backward
+from .sync import make_exchange, sync_batch_norm, sync_batch_norm_backward
 
 __all__ = ["SyncBatchNorm", "Parameter"]
 
@@ -80,6 +80,11 @@ class SyncBatchNorm:
       batch a FloatingPointError on every rank of the group, with the moving
       statistics left as they were; ``'propagate'`` lets IEEE values through
       as other frameworks do.
+    * ``exact``: False (default) or True: batch mean and variance correctly
+      rounded from exact integer sums (``mpibn.exact``), still one Allreduce
+      per pass; outputs then do not depend, bit for bit, on how the group's
+      batch is split across its ranks. Slower, and ~1.6 kB per channel travels.
+      Every rank must construct the layer with the same value.
 
     The layer starts in eval mode (``training`` is False), as in MindSpore.
     """
@@ -87,7 +92,7 @@ class SyncBatchNorm:
     def __init__(self, num_features, eps=1e-5, momentum=0.9, affine=True, gamma_init="ones",
                  beta_init="zeros", moving_mean_init="zeros", moving_var_init="ones",
                  use_batch_statistics=None, process_groups=None, *, dtype=np.float32, comm=None,
-                 nonfinite="raise"):
+                 nonfinite="raise", exact=False):
         num_features, eps, momentum, affine, dtype = _check_args(
             num_features, eps, momentum, affine, use_batch_statistics, dtype, nonfinite)
         self.num_features, self.eps, self.momentum, self.affine = num_features, eps, momentum, affine
@@ -95,6 +100,9 @@ class SyncBatchNorm:
         self.process_groups = process_groups
         self.dtype = dtype
         self.nonfinite = nonfinite
+        if not isinstance(exact, (bool, np.bool_)):
+            raise TypeError(f"exact must be a bool, got {type(exact).__name__}: {exact!r}")
+        self.exact = bool(exact)
         self.training = False
 
         shape = (num_features,)
@@ -115,7 +123,7 @@ class SyncBatchNorm:
         self.group_comm = group_comm_for(comm, process_groups)     # collective on first use
         # One preallocated buffer serves both passes: forward sends [mean, m2]
         # per rank, backward [sum_dy, sum_dy_xhat]; tags tell the passes apart.
-        self._exchange = RowExchange(self.group_comm, num_features, 2)
+        self._exchange = make_exchange(self.group_comm, num_features, self.exact)
         self._serial = self.group_comm.new_layer_serial()
         self._calls = 0
         self._saved = None
@@ -181,7 +189,8 @@ class SyncBatchNorm:
             x, self.gamma.data, self.beta.data, group_comm=self.group_comm, eps=self.eps,
             training=training, running_mean=self.moving_mean.data,
             running_var=self.moving_variance.data, momentum=self.momentum,
-            nonfinite=self.nonfinite, exchange=self._exchange, tag=(2 * self._serial, self._calls))
+            nonfinite=self.nonfinite, exchange=self._exchange, tag=(2 * self._serial, self._calls),
+            exact=self.exact)
         self._saved = saved
         if training:
             self.batch_mean, self.batch_var = saved.mean, saved.var

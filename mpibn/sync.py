@@ -18,6 +18,7 @@ reachable as ``mpibn.functional.sync_batch_norm``)::
 """
 import numpy as np
 
+from . import exact as E
 from . import functional as F
 from .comm import RowExchange, local_problem
 from .errors import BACKWARD_TWICE, NO_FORWARD, Problem, check_grad, check_input
@@ -34,10 +35,11 @@ class Saved:
     nothing.
     """
 
-    def __init__(self, x, shape, mean, inv_std, gamma, count, group_comm, exchange, tag):
+    def __init__(self, x, shape, mean, inv_std, gamma, count, group_comm, exchange, tag, exact=False):
         self.x, self.shape, self.mean, self.inv_std, self.gamma = x, shape, mean, inv_std, gamma
         self.count = count
         self.group_comm, self.exchange, self.tag = group_comm, exchange, tag
+        self.exact = exact
         self.used = False
 
 
@@ -46,7 +48,8 @@ def _context(num_features, what):
 
 
 def sync_batch_norm(x, gamma, beta, *, group_comm, eps=1e-5, training=True, running_mean=None,
-                    running_var=None, momentum=0.9, nonfinite="raise", exchange=None, tag=(0, 0)):
+                    running_var=None, momentum=0.9, nonfinite="raise", exchange=None, tag=(0, 0),
+                    exact=False):
     """Batch norm of x with statistics over the ranks of ``group_comm``.
 
     training=True: batch statistics of the group's concatenated batch (one
@@ -56,16 +59,24 @@ def sync_batch_norm(x, gamma, beta, *, group_comm, eps=1e-5, training=True, runn
     on every rank. training=False: ``running_mean``/``running_var`` are the
     statistics and nothing is communicated.
 
+    exact=True: mean and variance (and backward's two sums) are exact sums
+    carried as integer limbs in the same one Allreduce (``mpibn.exact``),
+    rounded once to float64: correctly rounded statistics, bitwise the same
+    however the group's batch is split across its ranks. Every rank of the
+    group must pass the same ``exact``.
+
     Returns (y, saved): y has x's shape and dtype; ``saved`` feeds backward.
-    ``exchange`` is an optional preallocated ``comm.RowExchange`` (2 rows).
+    ``exchange`` is an optional preallocated ``comm.RowExchange`` (2 rows;
+    with exact=True, ``shared=exact.SHARED_WIDTH * C``, see ``make_exchange``).
     """
     channels = np.shape(gamma)[0]
     context = _context(channels, "construct")
     problem = check_input(x, channels)
     if training:
-        exchange = exchange or RowExchange(group_comm, channels, 2)
+        exchange = exchange or make_exchange(group_comm, channels, exact)
         mean, inv_std, count, var = batch_statistics(
-            x, problem, exchange, eps, context, tag, running_mean, running_var, momentum, nonfinite)
+            x, problem, exchange, eps, context, tag, running_mean, running_var, momentum, nonfinite,
+            exact)
     else:
         local_problem(problem, group_comm, context)
         mean = np.asarray(running_mean, np.float64)
@@ -73,33 +84,68 @@ def sync_batch_norm(x, gamma, beta, *, group_comm, eps=1e-5, training=True, runn
         count = var = None
     x3 = F.as_ncl(x)
     y = F.batch_norm_elemt(x3, mean, inv_std, gamma, beta)
-    saved = Saved(x3, x.shape, mean, inv_std, gamma, count, group_comm, exchange, tag)
+    saved = Saved(x3, x.shape, mean, inv_std, gamma, count, group_comm, exchange, tag, exact)
     saved.var = var
     return y.reshape(x.shape), saved
 
 
+def make_exchange(group_comm, channels, exact=False):
+    """The buffer for one layer's passes: 2 numbers per channel and rank, plus
+    the summed integer limbs (``exact.SHARED_WIDTH`` per channel) when exact."""
+    return RowExchange(group_comm, channels, 2, shared=E.SHARED_WIDTH * channels if exact else 0)
+
+
+def _channels_last(a3):
+    """(N, C, L) -> (N * L, C), the layout ``exact.exact_sums`` takes."""
+    return a3.transpose(0, 2, 1).reshape(-1, a3.shape[1])
+
+
+def _exact_exchange(exchange, problem, u3, w3, context, tag):
+    """Exact local sums of u and u*w (w = u when None) -> the one Allreduce.
+
+    Returns (counts (P,), rows (P, 2, C) of IEEE sums of non-finite values,
+    the group's limbs (lin, prod), this rank's own limbs and specials)."""
+    count, local, shared, own = 0, None, None, None
+    if problem is None:
+        count = u3.shape[0] * u3.shape[2]
+        lin, prod, special = E.exact_sums(_channels_last(u3), None if w3 is None else _channels_last(w3))
+        local, shared, own = special, np.concatenate([lin, prod], axis=1), (lin, prod, special)
+    counts, rows = exchange.exchange(problem, count, local, context, tag, shared=shared)
+    limbs = exchange.shared.reshape(exchange.channels, E.SHARED_WIDTH)
+    return counts, rows, (limbs[:, :E.LIN_LIMBS], limbs[:, E.LIN_LIMBS:]), own
+
+
 def batch_statistics(x, problem, exchange, eps, context, tag, running_mean=None, running_var=None,
-                     momentum=0.9, nonfinite="raise"):
+                     momentum=0.9, nonfinite="raise", exact=False):
     """Local moments -> the one Allreduce -> the group's (mean, inv_std, count, var)."""
     group_comm = exchange.group
-    count, local = 0, None
-    if problem is None:
-        count, mean, m2 = F.batch_norm_stats(F.as_ncl(x))
-        local = (mean, m2)
-    counts, rows = exchange.exchange(problem, count, local, context, tag)
-    total, mean, m2 = F.merge_stats(counts, rows[:, 0], rows[:, 1])
+    if exact:
+        if exchange.shared.size != E.SHARED_WIDTH * exchange.channels:
+            raise ValueError(f"{context}: exact=True needs an exchange made by make_exchange(..., exact=True)")
+        x3 = F.as_ncl(x) if problem is None else None
+        counts, rows, (lin, prod), _ = _exact_exchange(exchange, problem, x3, None, context, tag)
+        total = int(counts.sum())
+        mean, var, unbiased = E.exact_stats(total, lin, prod, rows.sum(axis=0))
+    else:
+        count, local = 0, None
+        if problem is None:
+            count, mean, m2 = F.batch_norm_stats(F.as_ncl(x))
+            local = (mean, m2)
+        counts, rows = exchange.exchange(problem, count, local, context, tag)
+        total, mean, m2 = F.merge_stats(counts, rows[:, 0], rows[:, 1])
     if total <= 1:
         raise ValueError(f"{context}: expected more than 1 value per channel in training, got "
                          f"{total} over group ranks {list(group_comm.ranks)} "
                          f"(per-rank counts {counts.astype(int).tolist()})")
     if nonfinite == "raise":
         _check_finite(rows, group_comm, context)
-    var = m2 / total
+    if not exact:
+        var, unbiased = m2 / total, m2 / (total - 1)
     # State changes only now, when every check has passed on every rank.
     if running_mean is not None:
         running_mean[...] = F.running_update(running_mean, mean, momentum)
     if running_var is not None:
-        running_var[...] = F.running_update(running_var, m2 / (total - 1), momentum)
+        running_var[...] = F.running_update(running_var, unbiased, momentum)
     return mean, F.inv_std_from_var(var, eps), total, var
 
 
@@ -137,12 +183,24 @@ def sync_batch_norm_backward(dy, saved, *, exchange=None, training=None):
     if not training:
         local_problem(problem, exchange.group if exchange else None, context)
 
-    sums = None
+    sums = dy3 = xhat = None
+    exact = saved.exact if saved is not None else exchange is not None and exchange.shared.size > 0
     if problem is None:
         dy3 = F.as_ncl(dy)
         xhat = (saved.x - saved.mean[:, None]) * saved.inv_std[:, None]
-        sums = F.batch_norm_backward_reduce(dy3, xhat)
-    if training:
+        if not exact:
+            sums = F.batch_norm_backward_reduce(dy3, xhat)
+    if exact:
+        tag = (saved.tag[0] + 1, saved.tag[1]) if saved is not None else (-1, -1)
+        if training:
+            _, rows, (lin, prod), own = _exact_exchange(exchange, problem, dy3, xhat, context, tag)
+            mean_dy, mean_dy_xhat = E.round_sums(lin, prod, saved.count, rows.sum(axis=0))
+        else:
+            own = E.exact_sums(_channels_last(dy3), _channels_last(xhat))
+            mean_dy = mean_dy_xhat = np.zeros(saved.x.shape[1])
+        # This rank's own dbeta, dgamma: its exact sums, rounded once.
+        sums = E.round_sums(own[0], own[1], 1, own[2])
+    elif training:
         tag = (saved.tag[0] + 1, saved.tag[1]) if saved is not None else (-1, -1)
         _, rows = exchange.exchange(problem, 0, sums, context, tag)
         # Added in rank order on every rank: bitwise the same dx everywhere.
