@@ -18,10 +18,10 @@ reachable as ``mpibn.functional.sync_batch_norm``)::
 """
 import numpy as np
 
-from . import exact as E
 from . import functional as F
-from .comm import RowExchange, local_problem
+from .comm import GroupComm, local_problem
 from .errors import BACKWARD_TWICE, NO_FORWARD, Problem, check_grad, check_input
+from .sync_exact import exact_backward_sums, exact_statistics, make_exchange
 
 __all__ = ["sync_batch_norm", "sync_batch_norm_backward", "Saved"]
 
@@ -35,8 +35,9 @@ class Saved:
     nothing.
     """
 
-    def __init__(self, x, shape, mean, inv_std, gamma, count, group_comm, exchange, tag, exact=False):
+    def __init__(self, x, shape, mean, inv_std, var, gamma, count, group_comm, exchange, tag, exact=False):
         self.x, self.shape, self.mean, self.inv_std, self.gamma = x, shape, mean, inv_std, gamma
+        self.var = var            # biased batch variance (None with constant statistics)
         self.count = count
         self.group_comm, self.exchange, self.tag = group_comm, exchange, tag
         self.exact = exact
@@ -53,24 +54,27 @@ def sync_batch_norm(x, gamma, beta, *, group_comm, eps=1e-5, training=True, runn
     """Batch norm of x with statistics over the ranks of ``group_comm``.
 
     training=True: batch statistics of the group's concatenated batch (one
-    Allreduce; every rank of the group must call); ``running_mean`` and
+    Allreduce; every rank of the group must call; ``group_comm=None``: this
+    rank's batch alone); ``running_mean`` and
     ``running_var`` (arrays (C,), may be None) are then updated in place
     with MindSpore's momentum convention, only once every check has passed
     on every rank. training=False: ``running_mean``/``running_var`` are the
     statistics and nothing is communicated.
 
-    exact=True: mean and variance (and backward's two sums) are exact sums
-    carried as integer limbs in the same one Allreduce (``mpibn.exact``),
-    rounded once to float64: correctly rounded statistics, bitwise the same
-    however the group's batch is split across its ranks. Every rank of the
-    group must pass the same ``exact``.
+    exact=True: mean and variance (and backward's two sums) come from exact
+    integer sums carried in the same one Allreduce (``mpibn.sync_exact``),
+    rounded once to float64: correctly rounded statistics, and y and dx
+    bitwise the same however the group's batch is split across its ranks.
+    Every rank of the group must pass the same ``exact``.
 
     Returns (y, saved): y has x's shape and dtype; ``saved`` feeds backward.
     ``exchange`` is an optional preallocated ``comm.RowExchange`` (2 rows;
-    with exact=True, ``shared=exact.SHARED_WIDTH * C``, see ``make_exchange``).
+    for exact=True one made by ``sync_exact.make_exchange(..., exact=True)``).
     """
     channels = np.shape(gamma)[0]
     context = _context(channels, "construct")
+    if group_comm is None:
+        group_comm = GroupComm(None, (0,), 0)     # no peers: plain batch norm
     problem = check_input(x, channels)
     if training:
         exchange = exchange or make_exchange(group_comm, channels, exact)
@@ -84,35 +88,8 @@ def sync_batch_norm(x, gamma, beta, *, group_comm, eps=1e-5, training=True, runn
         count = var = None
     x3 = F.as_ncl(x)
     y = F.batch_norm_elemt(x3, mean, inv_std, gamma, beta)
-    saved = Saved(x3, x.shape, mean, inv_std, gamma, count, group_comm, exchange, tag, exact)
-    saved.var = var
+    saved = Saved(x3, x.shape, mean, inv_std, var, gamma, count, group_comm, exchange, tag, exact)
     return y.reshape(x.shape), saved
-
-
-def make_exchange(group_comm, channels, exact=False):
-    """The buffer for one layer's passes: 2 numbers per channel and rank, plus
-    the summed integer limbs (``exact.SHARED_WIDTH`` per channel) when exact."""
-    return RowExchange(group_comm, channels, 2, shared=E.SHARED_WIDTH * channels if exact else 0)
-
-
-def _channels_last(a3):
-    """(N, C, L) -> (N * L, C), the layout ``exact.exact_sums`` takes."""
-    return a3.transpose(0, 2, 1).reshape(-1, a3.shape[1])
-
-
-def _exact_exchange(exchange, problem, u3, w3, context, tag):
-    """Exact local sums of u and u*w (w = u when None) -> the one Allreduce.
-
-    Returns (counts (P,), rows (P, 2, C) of IEEE sums of non-finite values,
-    the group's limbs (lin, prod), this rank's own limbs and specials)."""
-    count, local, shared, own = 0, None, None, None
-    if problem is None:
-        count = u3.shape[0] * u3.shape[2]
-        lin, prod, special = E.exact_sums(_channels_last(u3), None if w3 is None else _channels_last(w3))
-        local, shared, own = special, np.concatenate([lin, prod], axis=1), (lin, prod, special)
-    counts, rows = exchange.exchange(problem, count, local, context, tag, shared=shared)
-    limbs = exchange.shared.reshape(exchange.channels, E.SHARED_WIDTH)
-    return counts, rows, (limbs[:, :E.LIN_LIMBS], limbs[:, E.LIN_LIMBS:]), own
 
 
 def batch_statistics(x, problem, exchange, eps, context, tag, running_mean=None, running_var=None,
@@ -120,12 +97,7 @@ def batch_statistics(x, problem, exchange, eps, context, tag, running_mean=None,
     """Local moments -> the one Allreduce -> the group's (mean, inv_std, count, var)."""
     group_comm = exchange.group
     if exact:
-        if exchange.shared.size != E.SHARED_WIDTH * exchange.channels:
-            raise ValueError(f"{context}: exact=True needs an exchange made by make_exchange(..., exact=True)")
-        x3 = F.as_ncl(x) if problem is None else None
-        counts, rows, (lin, prod), _ = _exact_exchange(exchange, problem, x3, None, context, tag)
-        total = int(counts.sum())
-        mean, var, unbiased = E.exact_stats(total, lin, prod, rows.sum(axis=0))
+        counts, rows, total, mean, var, unbiased = exact_statistics(x, problem, exchange, context, tag)
     else:
         count, local = 0, None
         if problem is None:
@@ -184,7 +156,7 @@ def sync_batch_norm_backward(dy, saved, *, exchange=None, training=None):
         local_problem(problem, exchange.group if exchange else None, context)
 
     sums = dy3 = xhat = None
-    exact = saved.exact if saved is not None else exchange is not None and exchange.shared.size > 0
+    exact = saved.exact if saved is not None else bool(exchange and exchange.shared_width)
     if problem is None:
         dy3 = F.as_ncl(dy)
         xhat = (saved.x - saved.mean[:, None]) * saved.inv_std[:, None]
@@ -192,14 +164,8 @@ def sync_batch_norm_backward(dy, saved, *, exchange=None, training=None):
             sums = F.batch_norm_backward_reduce(dy3, xhat)
     if exact:
         tag = (saved.tag[0] + 1, saved.tag[1]) if saved is not None else (-1, -1)
-        if training:
-            _, rows, (lin, prod), own = _exact_exchange(exchange, problem, dy3, xhat, context, tag)
-            mean_dy, mean_dy_xhat = E.round_sums(lin, prod, saved.count, rows.sum(axis=0))
-        else:
-            own = E.exact_sums(_channels_last(dy3), _channels_last(xhat))
-            mean_dy = mean_dy_xhat = np.zeros(saved.x.shape[1])
-        # This rank's own dbeta, dgamma: its exact sums, rounded once.
-        sums = E.round_sums(own[0], own[1], 1, own[2])
+        mean_dy, mean_dy_xhat, sums = exact_backward_sums(
+            exchange, problem, dy3, xhat, saved.count if saved else None, training, context, tag)
     elif training:
         tag = (saved.tag[0] + 1, saved.tag[1]) if saved is not None else (-1, -1)
         _, rows = exchange.exchange(problem, 0, sums, context, tag)

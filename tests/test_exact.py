@@ -14,7 +14,8 @@ from mpi4py import MPI
 
 from mpibn import exact as E
 from mpibn import SyncBatchNorm
-from mpibn.sync import make_exchange, sync_batch_norm, sync_batch_norm_backward
+from mpibn.sync import sync_batch_norm, sync_batch_norm_backward
+from mpibn.sync_exact import make_exchange
 from conftest import shard_slices
 from simulated import run_group
 
