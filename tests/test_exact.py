@@ -292,3 +292,35 @@ def test_partition_invariance_under_mpi(groups):
             assert dx.tobytes() == ref_out[step][1].tobytes(), (sizes, step)
         for m in members:
             assert by_rank[m][1] == ref_stats, (sizes, m)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_exact_and_default_layers_share_one_group_buffer():
+    # Both layers use the group's one buffer (the exact one widens it with
+    # the summed region); alternating them must not mix their data.
+    size, rank = WORLD.Get_size(), WORLD.Get_rank()
+    rng = np.random.default_rng(8)
+    x = 1e4 + rng.standard_normal((3 * size, 2, 3, 1))
+    dy = rng.standard_normal(x.shape)
+    sl = slice(3 * rank, 3 * rank + 3)
+    plain = SyncBatchNorm(2, dtype=np.float64).set_train()
+    exact = SyncBatchNorm(2, dtype=np.float64, exact=True).set_train()
+    outs = []
+    for bn in (plain, exact, plain, exact):
+        y = bn(x[sl])
+        outs.append((y, bn.backward(dy[sl]), bn.batch_mean.copy()))
+    calls = plain.group_comm.allreduce_calls
+    plain.close()
+    exact.close()
+    for i, (y, dx, mean) in enumerate(outs):
+        with SyncBatchNorm(2, dtype=np.float64, comm=MPI.COMM_SELF, exact=i % 2 == 1) as ref:
+            ref.set_train()
+            y_ref = ref(x)
+            dx_ref = ref.backward(dy)
+        if i % 2:
+            assert y.tobytes() == y_ref[sl].tobytes() and dx.tobytes() == dx_ref[sl].tobytes()
+            assert mean.tobytes() == ref.batch_mean.tobytes()
+        else:
+            np.testing.assert_allclose(y, y_ref[sl], rtol=0, atol=1e-9)
+            np.testing.assert_allclose(dx, dx_ref[sl], rtol=0, atol=1e-9)
+    assert calls == 8
