@@ -216,6 +216,7 @@ def run(args):
 
     count, mean_r, m2_r = F.batch_norm_stats(F.as_ncl(x))
     say(f"n = {count}, mean = {_vec(mean_r, digits)}, m2 = {_vec(m2_r, digits)}")
+    local_moments = np.ravel([mean_r, m2_r])
     say.step("2. local moments  (functional.batch_norm_stats)",
              "n_r = values per channel; mean_r = sum(x)/n_r; m2_r = sum((x - mean_r)^2), centred\n"
              "about the rank's own mean (never a raw sum of squares). An empty shard gives 0, 0, 0.")
@@ -224,10 +225,13 @@ def run(args):
     y = bn(x)
     sent, back = tap.calls[0]
     say(_table(sent, members, C, names_fwd, digits))
+    say(f"own row's count and payload are bitwise step 2's n, mean, m2: "
+        f"{sent[gc.rank, 1] == count and np.array_equal(sent[gc.rank, HEADER:], local_moments)}")
     say.step("3. forward buffer handed to MPI_Allreduce(SUM) over the group",
              f"Shape (P, {HEADER} + 2C) = {sent.shape}, one row per group rank: "
              "[status, count, layer, call | 8 details | payload].\n"
-             "A rank fills only its own row; the other rows are 0.")
+             "A rank fills only its own row; the other rows are 0. layer and call number this\n"
+             "call of this layer: every rank checks, after the Allreduce, that all rows agree.")
 
     say(_table(back, members, C, names_fwd, digits))
     own_ok = np.array_equal(back[gc.rank], sent[gc.rank])
@@ -258,7 +262,6 @@ def run(args):
              "Rows are combined in rank order, so both ranks of a group get the same bits.")
 
     if hi > lo:
-        xhat0 = (x[0, 0] - mean[0]) * inv_std[0]
         say(f"y[0] = {_vec(y[0], digits)}")
         d = digits
         say(f"y[0,0] = gamma*(x - mean)*inv_std + beta = {_p(gamma[0], d)}*({_p(x[0, 0], d)} - "
@@ -275,11 +278,13 @@ def run(args):
     sum_dy, sum_dy_xhat = F.batch_norm_backward_reduce(F.as_ncl(dy), F.as_ncl(xhat))
     if hi > lo:
         say(f"dy = {_rows(dy)}")
-    say(f"sum_dy = {_vec(sum_dy, digits)}, sum_dy_xhat = {_vec(sum_dy_xhat, digits)}")
+    same_b = np.array_equal(sent_b[gc.rank, HEADER:], np.ravel([sum_dy, sum_dy_xhat]))
+    say(f"sum_dy = {_vec(sum_dy, digits)}, sum_dy_xhat = {_vec(sum_dy_xhat, digits)}  "
+        f"(bitwise the payload of the row sent: {same_b})")
     say(_table(sent_b, members, C, names_bwd, digits))
     say.step("7. backward: local sums and the buffer sent  (functional.batch_norm_backward_reduce)",
              "Upstream gradient dy (random, never all ones); per channel sum(dy) and sum(dy * xhat).\n"
-             "Same buffer, same layout; count 0, call tag layer+1 (backward).")
+             "Same buffer, same layout; count 0; the tag's layer number + 1 marks the backward pass.")
 
     g_dy, g_dy_xhat = back_b[:, HEADER:].reshape(-1, 2, C).sum(axis=0)
     say(_table(back_b, members, C, names_bwd, digits))
@@ -287,7 +292,7 @@ def run(args):
         f"sum_dy_xhat = {_vec(g_dy_xhat, digits)}")
     if hi > lo:
         d = digits
-        say(f"dx[0,0] = gamma*inv_std*(dy - sum_dy/N - xhat*sum_dy_xhat/N)")
+        say("dx[0,0] = gamma*inv_std*(dy - sum_dy/N - xhat*sum_dy_xhat/N)")
         say(f"        = {_p(gamma[0], d)}*{_p(inv_std[0], d)}*({_p(dy[0, 0], d)} - {_p(g_dy[0], d)}/{N}"
             f" - {_p(xhat[0, 0], d)}*{_p(g_dy_xhat[0], d)}/{N}) = {dx[0, 0]:.{d}g}")
     say(f"dgamma = this rank's sum_dy_xhat = {_vec(bn.gamma.grad, digits)}, "

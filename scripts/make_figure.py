@@ -13,8 +13,10 @@ pass, which reuses the same buffer for the two per-channel sums.
 import argparse
 import os
 
-import matplotlib
-
+try:
+    import matplotlib
+except ImportError:
+    raise SystemExit("make_figure.py needs matplotlib: pip install 'mpibn[docs]'") from None
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt                                  # noqa: E402
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle  # noqa: E402
@@ -126,8 +128,8 @@ def backward(ax):
     y = 9.0
     ax.add_patch(FancyBboxPatch((0.5, 1.2), 99, 16.0, boxstyle="round,pad=0,rounding_size=1.2",
                                 fc="#f6f0fa", ec="none", zorder=0))
-    ax.text(1, 19.0, "Backward: one Allreduce, the same buffer (every rank, per group; read right to left)",
-            fontsize=12, weight="bold", va="center")
+    ax.text(1, 19.0, "Backward: one Allreduce, the same buffer "
+            "(every rank, per group; read right to left)", fontsize=12, weight="bold", va="center")
     steps = [
         (90.0, 9.2, "$dy$ from\nthe next layer", None),
         (71.0, 15.0, "local sums\n$\\sum dy,\\ \\sum dy\\,\\hat x$", "batch_norm_backward_reduce"),

@@ -84,6 +84,10 @@ def shard_cuts(batch, size):
     return np.concatenate([[0], np.round(np.cumsum(weights) / weights.sum() * batch)]).astype(int)
 
 
+def split_text(batch, size):
+    return "/".join(str(n) for n in np.diff(shard_cuts(batch, size)))
+
+
 # -- an independent, textbook batch norm for the single-process reference ----------------
 
 class _Param:
@@ -270,7 +274,7 @@ def plot(runs, diffs, path, size, data_name):
             ylim=(floor, 10), title="Distance from one-process training")
     ax2.legend(frameon=False, loc="center right", bbox_to_anchor=(1.0, 0.6))
     fig.suptitle(f"Data-parallel training on {data_name}, float64, uneven shards "
-                 f"{'/'.join(map(str, np.diff(shard_cuts(runs['batch'], size))))}", fontsize=11)
+                 f"{split_text(runs['batch'], size)}", fontsize=11)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -324,8 +328,8 @@ def main(argv=None):
 
     if rank == 0:
         print(f"data: {data[4]}, {len(data[1])} training / {len(data[3])} test samples; "
-              f"global batch {args.batch} split {'/'.join(map(str, np.diff(shard_cuts(args.batch, size))))} "
-              f"over {size} ranks", flush=True)
+              f"global batch {args.batch} split {split_text(args.batch, size)} over {size} ranks",
+              flush=True)
     opts = dict(steps=args.steps, batch=args.batch, lr=args.lr, hidden=args.hidden, seed=args.seed)
     runs = {"batch": args.batch}
     for kind in ("reference", "sync", "local"):
@@ -339,8 +343,8 @@ def main(argv=None):
                         op=MPI.MIN)
     if rank == 0:
         ref = runs["reference"]
-        print(f"\nfinal loss: one process {ref['loss'][-1]:.12f} | sync {runs['sync']['loss'][-1]:.12f}"
-              f" | per-rank BN {runs['local']['loss'][-1]:.12f}")
+        print(f"\nfinal loss: one process {ref['loss'][-1]:.12f} | "
+              f"sync {runs['sync']['loss'][-1]:.12f} | per-rank BN {runs['local']['loss'][-1]:.12f}")
         print(f"test accuracy (eval mode, moving statistics): one process {ref['accuracy']:.3f} | "
               f"sync {runs['sync']['accuracy']:.3f} | per-rank BN {runs['local']['accuracy']:.3f}")
         for kind, label in (("sync", "SyncBatchNorm      "), ("local", "per-rank BatchNorm ")):
