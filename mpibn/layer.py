@@ -1,9 +1,10 @@
 """The layer room: MindSpore's ``nn.SyncBatchNorm`` as a NumPy object.
 
-It validates arguments, keeps parameters and moving statistics, decides
-between batch and moving statistics, and composes math -> comm -> math.
-It holds no formula of its own (those are in ``mpibn.functional``) and no
-MPI call of its own (those are in ``mpibn.comm``).
+It validates arguments, keeps parameters and moving statistics, and decides
+between batch and moving statistics; the stateless functions of
+``mpibn.sync`` compose math -> comm -> math for it. It holds no formula of
+its own (those are in ``mpibn.functional``) and no MPI call of its own
+(those are in ``mpibn.comm``).
 
 Construction is a **collective** over ``comm``: every rank of ``comm``
 must construct the layer, in the same order relative to other layers,
@@ -80,6 +81,11 @@ class SyncBatchNorm:
       batch a FloatingPointError on every rank of the group, with the moving
       statistics left as they were; ``'propagate'`` lets IEEE values through
       as other frameworks do.
+    * ``debug_timeout``: seconds. Debug mode for the group (all layers that
+      share its communicator): each collective becomes a non-blocking one
+      with a deadline, and a rank that waits longer raises
+      ``mpibn.comm.CollectiveTimeout`` naming the ranks that never arrived.
+      Also set by the environment variable ``MPIBN_DEBUG_TIMEOUT``.
 
     The layer starts in eval mode (``training`` is False), as in MindSpore.
     """
@@ -87,7 +93,7 @@ class SyncBatchNorm:
     def __init__(self, num_features, eps=1e-5, momentum=0.9, affine=True, gamma_init="ones",
                  beta_init="zeros", moving_mean_init="zeros", moving_var_init="ones",
                  use_batch_statistics=None, process_groups=None, *, dtype=np.float32, comm=None,
-                 nonfinite="raise"):
+                 nonfinite="raise", debug_timeout=None):
         num_features, eps, momentum, affine, dtype = _check_args(
             num_features, eps, momentum, affine, use_batch_statistics, dtype, nonfinite)
         self.num_features, self.eps, self.momentum, self.affine = num_features, eps, momentum, affine
@@ -112,9 +118,14 @@ class SyncBatchNorm:
             comm = MPI.COMM_WORLD
         if not hasattr(comm, "Split"):
             raise TypeError(f"comm must be an mpi4py intracommunicator, got {type(comm).__name__}")
+        if debug_timeout is not None and not (isinstance(debug_timeout, numbers.Real) and debug_timeout > 0):
+            raise ValueError(f"debug_timeout must be a number of seconds > 0 or None, got {debug_timeout!r}")
         self.group_comm = group_comm_for(comm, process_groups)     # collective on first use
-        # One preallocated buffer serves both passes: forward sends [mean, m2]
-        # per rank, backward [sum_dy, sum_dy_xhat]; tags tell the passes apart.
+        if debug_timeout is not None:
+            self.group_comm.debug_timeout = float(debug_timeout)
+        # The group's one preallocated buffer serves both passes: forward sends
+        # [mean, m2] per rank, backward [sum_dy, sum_dy_xhat]; tags tell the
+        # layers and passes apart.
         self._exchange = RowExchange(self.group_comm, num_features, 2)
         self._serial = self.group_comm.new_layer_serial()
         self._calls = 0
