@@ -46,9 +46,9 @@ class BufferTap:
         self.calls = []
         inner = group.allreduce_sum
 
-        def tapped(buf):
+        def tapped(buf, *args, **kwargs):
             sent = buf.copy()
-            out = inner(buf)
+            out = inner(buf, *args, **kwargs)
             self.calls.append((sent, out.copy()))
             return out
 
@@ -223,7 +223,10 @@ def run(args):
 
     tap = BufferTap(gc)
     y = bn(x)
-    sent, back = tap.calls[0]
+    # The group's buffer may be wider than this layer's rows (it is shared by
+    # every layer of the group, sized for the widest); show this layer's part.
+    width = bn._exchange.width
+    sent, back = (a[:, :width] for a in tap.calls[0])
     say(_table(sent, members, C, names_fwd, digits))
     say(f"own row's count and payload are bitwise step 2's n, mean, m2: "
         f"{sent[gc.rank, 1] == count and np.array_equal(sent[gc.rank, HEADER:], local_moments)}")
@@ -272,7 +275,7 @@ def run(args):
              "xhat = (x - mean) * inv_std;  y = gamma * xhat + beta, with the group's mean and inv_std.")
 
     dx = bn.backward(dy)
-    sent_b, back_b = tap.calls[1]
+    sent_b, back_b = (a[:, :width] for a in tap.calls[1])
     tap.close()
     xhat = (x - mean) * inv_std
     sum_dy, sum_dy_xhat = F.batch_norm_backward_reduce(F.as_ncl(dy), F.as_ncl(xhat))

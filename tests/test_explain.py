@@ -78,13 +78,13 @@ def test_explain_refuses_bad_groups_on_every_rank(capsys):
 
 def test_buffer_tap_records_and_restores():
     class Fake:
-        def allreduce_sum(self, buf):
-            buf += 1.0
+        def allreduce_sum(self, buf, tag=(0, 0)):
+            buf += 1.0 + tag[0]
             return buf
     fake = Fake()
     tap = explain.BufferTap(fake)
-    fake.allreduce_sum(np.zeros(3))
+    fake.allreduce_sum(np.zeros(3), (2, 1))
     tap.close()
     (sent, back), = tap.calls
-    assert np.array_equal(sent, np.zeros(3)) and np.array_equal(back, np.ones(3))
+    assert np.array_equal(sent, np.zeros(3)) and np.array_equal(back, np.full(3, 3.0))
     assert fake.allreduce_sum(np.zeros(1))[0] == 1.0 and len(tap.calls) == 1
