@@ -295,7 +295,8 @@ class RowExchange:
             row[HEADER:self.width] = np.ravel(payload)
             if shared is not None:
                 self.group._shared[:self.shared_width] = np.ravel(shared)
-        self.group.allreduce_sum(self.group._flat, tag)
+        # The rows alone when the group has no summed region (the same memory).
+        self.group.allreduce_sum(self.group._flat if self.group._shared.size else buf, tag)
         raise_agreed(buf, self.group, context)
         check_tags(buf, self.group, context)
         payloads = buf[:, HEADER:self.width].reshape(-1, self.k, self.channels)

@@ -164,13 +164,10 @@ def test_partition_invariance_bitwise(case):
             for i in (2, 3, 4, 5):
                 assert r[i].tobytes() == ref[0][i].tobytes(), (sizes, i)
             assert r[8] == (2 if len(sizes) > 1 else 0)      # one Allreduce per pass
-        # Local dgamma, dbeta: correctly rounded sums of this rank's share.
-        d_all = dy.transpose(1, 0, 2, 3).reshape(3, -1)
+        # Local dbeta: the correctly rounded sum of this rank's share.
         for sl, r in zip(shard_slices(sizes), res):
             for c in range(3):
-                exact_dbeta = sum(Fraction(float(v)) for v in dy[sl, c].ravel())
-                assert r[7][c] == as_float(exact_dbeta)
-        assert d_all.shape[1] == 160
+                assert r[7][c] == as_float(sum(Fraction(float(v)) for v in dy[sl, c].ravel()))
 
 
 def test_default_mode_is_not_partition_invariant():
@@ -193,9 +190,7 @@ def test_exact_statistics_through_sync(dtype):
         for r in res:
             assert r[2][c] == float(em) and r[3][c] == float(ev)
             assert r[5][c] == 0.7 * 1.0 + (1 - 0.7) * float(eu)
-        xhat = (x[:, c].astype(np.float64) - res[0][2][c]) * (1 / np.sqrt(res[0][3][c] + 1e-5))
     assert concat(res, 0).dtype == dtype and concat(res, 1).dtype == dtype
-    assert xhat.shape == (40,)
 
 
 def test_exact_layer_serial_and_argument_check():
