@@ -1,16 +1,16 @@
 """Exact sums for ``exact=True``: fixed-point integer limbs, correctly rounded statistics.
 
 NumPy and the standard library only (no MPI). The idea: every finite float64
-is an integer multiple of 2^-1126 (a 53-bit integer mantissa M times 2^(e-53),
-with e - 53 >= -1126 even for subnormals), and every product of two float64s
-an integer multiple of 2^-2252. So a sum of values (or of products) is an
-integer on a fixed grid, which we hold exactly as a vector of 32-bit limbs::
+is an integer multiple of 2^-1074 (a 53-bit integer mantissa M times 2^lsb,
+lsb >= -1074 with subnormals), and every product of two float64s an integer
+multiple of 2^-2148. So a sum of values (or of products) is an integer on a
+fixed grid, which we hold exactly as a vector of 32-bit limbs::
 
     sum_i v_i         = S_lin  * 2^LIN_BASE,    S_lin  = sum_k lin[k]  * 2^(32 k)
     sum_i u_i * w_i   = S_prod * 2^PROD_BASE,   S_prod = sum_k prod[k] * 2^(32 k)
 
-The grid covers the whole float64 range (LIN_LIMBS = 70 limbs for values,
-PROD_LIMBS = 137 for products, with 64 bits of headroom for the count), so
+The grid covers the whole float64 range (LIN_LIMBS = 68 limbs for values,
+PROD_LIMBS = 134 for products, with 64 bits of headroom for the count), so
 no exponent window has to be agreed between ranks before the one Allreduce.
 
 Why it is exact and order-free: each rank normalises its limbs to [0, 2^32)
@@ -32,7 +32,7 @@ summed separately in IEEE arithmetic (``special``: only 0, +-inf and NaN
 occur there, and adding those is order-free too) and override the exact part.
 
 Cost: per element about a dozen integer operations and two ``np.bincount``
-scatters; per channel 207 float64 limbs travel (1656 bytes), on top of the
+scatters; per channel 202 float64 limbs travel (1616 bytes), on top of the
 per-rank rows.
 """
 from fractions import Fraction
@@ -43,12 +43,12 @@ __all__ = ["LIN_LIMBS", "PROD_LIMBS", "SHARED_WIDTH", "exact_sums", "limbs_to_in
            "round_fraction", "exact_stats", "round_sums"]
 
 LIMB_BITS = 32
-LIN_BASE = -1126            # 2^-1074 (least subnormal) = 2^52 * 2^-1126
+LIN_BASE = -1074            # the least subnormal
 PROD_BASE = 2 * LIN_BASE    # lsb of the product of two mantissas
 HEADROOM = 64               # bits for the count of summed terms, and the sign
-# Highest bit of a value: offset of its lsb (<= 971 - LIN_BASE) + 53 bits.
-LIN_LIMBS = -(-(971 - LIN_BASE + 53 + HEADROOM) // LIMB_BITS)          # 70
-PROD_LIMBS = -(-(2 * 971 - PROD_BASE + 106 + HEADROOM) // LIMB_BITS)   # 137
+# Highest bit of a value: offset of its lsb (<= 971 - LIN_BASE) + 53 bits (971: lsb of the largest).
+LIN_LIMBS = -(-(971 - LIN_BASE + 53 + HEADROOM) // LIMB_BITS)          # 68
+PROD_LIMBS = -(-(2 * 971 - PROD_BASE + 106 + HEADROOM) // LIMB_BITS)   # 134
 SHARED_WIDTH = LIN_LIMBS + PROD_LIMBS   # float64 numbers per channel in the summed region
 
 _MASK = (1 << LIMB_BITS) - 1
@@ -62,10 +62,17 @@ _MAX_BINS = 1 << 22
 
 
 def _decompose(v):
-    """v float64 (finite) -> (sign, M int64 < 2^53, lsb exponent e - 53) with v = sign * M * 2^(e-53)."""
-    frac, exp = np.frexp(v)
-    mant = np.ldexp(np.abs(frac), 53).astype(np.int64)
-    return np.sign(frac), mant, exp.astype(np.int64) - 53
+    """v float64 (finite) -> (sign +-1.0, M int64 < 2^53, lsb exponent) with v = sign * M * 2^lsb.
+
+    Read from the IEEE bits: M is the 52-bit fraction with the hidden bit
+    (none for subnormals), lsb = max(biased exponent, 1) - 1075 >= -1074.
+    """
+    bits = np.ascontiguousarray(v, np.float64).view(np.int64)
+    biased = (bits >> 52) & 0x7FF
+    mant = bits & ((1 << 52) - 1)
+    mant |= np.where(biased > 0, np.int64(1) << 52, np.int64(0))
+    sign = np.where(bits < 0, -1.0, 1.0)
+    return sign, mant, np.maximum(biased, 1) - 1075
 
 
 def _add_at(acc, channel, value, offset):
@@ -176,14 +183,12 @@ def exact_sums(u, w=None):
 
 
 def limbs_to_ints(limbs):
-    """(C, K) limbs (int or float64 holding integers, any sign) -> list of C Python ints."""
-    out = []
-    for row in np.asarray(limbs):
-        value = 0
-        for limb in row[::-1]:
-            value = (value << LIMB_BITS) + int(limb)
-        out.append(value)
-    return out
+    """(C, K) limbs (int or float64 holding integers below 2^53, any sign) -> list of C Python ints."""
+    acc = normalise(np.asarray(limbs).astype(np.int64))       # exact: the values are integers
+    low = acc[:, :-1].astype("<u4")                            # each in [0, 2^32) after normalising
+    top = LIMB_BITS * (acc.shape[1] - 1)
+    return [int.from_bytes(low[c].tobytes(), "little") + (int(acc[c, -1]) << top)
+            for c in range(acc.shape[0])]
 
 
 def round_fraction(num, den):
@@ -208,9 +213,9 @@ def exact_stats(count, lin, prod, special=None):
     mean, var, unbiased = np.zeros(channels), np.zeros(channels), np.zeros(channels)
     if count == 0:
         return mean, var, unbiased
-    scale = 1 << -PROD_BASE                                   # 2^2252
+    scale = 1 << -PROD_BASE                                   # 2^2148
     for c, (s1, s2) in enumerate(zip(s1s, s2s)):
-        m2 = count * s2 - s1 * s1                             # N^2 var * 2^2252, >= 0
+        m2 = count * s2 - s1 * s1                             # N^2 var * 2^2148, >= 0
         mean[c] = round_fraction(s1, count << -LIN_BASE)
         var[c] = round_fraction(m2, count * count * scale)
         unbiased[c] = round_fraction(m2, count * (count - 1) * scale) if count > 1 else np.nan

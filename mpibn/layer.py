@@ -90,7 +90,7 @@ class SyncBatchNorm:
     * ``exact``: False (default) or True: batch mean and variance correctly
       rounded from exact integer sums (``mpibn.exact``), still one Allreduce
       per pass; y and dx then do not depend, bit for bit, on how the group's
-      batch is split across its ranks. Slower, and 207 float64 per channel
+      batch is split across its ranks. Slower, and 202 float64 per channel
       travel on top of the rows. Every rank must pass the same value.
 
     The layer starts in eval mode (``training`` is False), as in MindSpore.

@@ -3,7 +3,7 @@
 Forward, per channel, over the group::
 
     rank r      lin_r  = limbs of sum x,  prod_r = limbs of sum x^2      exact.exact_sums
-    ONE Allreduce   rows: [count_r, special_r (2, C)]   summed region: [lin | prod] (C, 207)
+    ONE Allreduce   rows: [count_r, special_r (2, C)]   summed region: [lin | prod] (C, 202)
     group       N = sum count_r, S1 = sum lin_r, S2 = sum prod_r (integers: exact, any order)
                 mean = S1 / N, var = (N S2 - S1^2) / N^2, unbiased = ... / (N (N - 1))
                 each correctly rounded to float64                    exact.exact_stats
