@@ -9,7 +9,8 @@ is set here before jax is imported), rank r's shard on device r, process
 groups as ``axis_index_groups``. pmap needs one shape on every device, so
 shards are padded to the largest and the padding is excluded with Flax's
 ``mask`` argument. Flax's momentum is the weight of the old value, as in
-MindSpore (no conversion). Gradients: ``jax.vjp`` of each device's y with
+MindSpore (no conversion). Parameters are float32 (float64, with
+JAX_ENABLE_X64 set here, for float64 scenarios). Gradients: ``jax.vjp`` of each device's y with
 its dy (JAX transposes the pmean, so dx is the gradient of the sum of the
 ranks' losses, and dgamma/dbeta are each rank's share, as in mpibn).
 batch_mean/batch_var are what Flax's own ``_compute_stats`` returns.
@@ -46,8 +47,9 @@ def run_scenario(jax, jnp, nn, compute_stats, s, ranks, fast_variance):
     index_groups = None if len(groups) == 1 else [list(g) for g in groups]
     dtype = jnp.dtype(s["dtype"])
     training = uses_batch_statistics(s)
+    pdtype = np.float64 if dtype == jnp.float64 else np.float32
     model = nn.BatchNorm(use_running_average=not training, axis=1, momentum=s["momentum"],
-                         epsilon=s["eps"], dtype=dtype, param_dtype=jnp.float32, axis_name="ranks",
+                         epsilon=s["eps"], dtype=dtype, param_dtype=pdtype, axis_name="ranks",
                          axis_index_groups=index_groups, use_fast_variance=fast_variance)
     counts = [r["x"].shape[1] for r in ranks]
     n_max = max(1, max(counts))
@@ -75,7 +77,7 @@ def run_scenario(jax, jnp, nn, compute_stats, s, ranks, fast_variance):
         return y, gx, gp, new_stats, mean, var
 
     pstep = jax.pmap(step, axis_name="ranks")
-    rep = lambda key: np.stack([r[key] for r in ranks]).astype(np.float32)   # noqa: E731
+    rep = lambda key: np.stack([r[key] for r in ranks]).astype(pdtype)   # noqa: E731
     params = {"scale": rep("gamma"), "bias": rep("beta")}
     stats = {"mean": rep("moving_mean0"), "var": rep("moving_var0")}
     out = [{k: [] for k in s["outputs"]} for _ in range(size)]
@@ -104,8 +106,11 @@ def main(argv=None):
                         help="use_fast_variance=False (two pmeans: mean, then E[(x - mean)^2])")
     args = parser.parse_args(argv)
     with open(os.path.join(args.golden, "manifest.json")) as f:
-        ranks = json.load(f)["ranks"]
+        manifest = json.load(f)
+    ranks = manifest["ranks"]
     os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={ranks}")
+    if any(s["dtype"] == "float64" for s in manifest["scenarios"].values()):
+        os.environ.setdefault("JAX_ENABLE_X64", "1")      # float64 scenarios: float64 arrays
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     try:
         import jax

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """PyTorch (CPU) on an mpibn golden set: ``torch.nn.functional.batch_norm`` on each group's batch.
 
-    python scripts/adapters/torch_adapter.py GOLDEN OUT [--dtype float32]
+    python scripts/adapters/torch_adapter.py GOLDEN OUT
     python -m mpibn verify GOLDEN OUT
 
 Synchronised batch norm over a group equals plain batch norm of the group's
@@ -11,8 +11,8 @@ batch (training when the scenario uses batch statistics), with
 scenario's eps. Per rank: y and dx are that rank's rows; dgamma and dbeta
 are the rank's share, obtained by back-propagating dy masked to the rank's
 rows; batch_mean/batch_var come from ``torch.var_mean(correction=0)``.
-Parameters and moving statistics live in float32 (float64 with --dtype
-float64), as in a float32 model. ``torch.nn.SyncBatchNorm`` itself needs
+Parameters and moving statistics are float64 for float64 input and float32
+otherwise (torch's CPU kernel takes float32 parameters with float16 input). ``torch.nn.SyncBatchNorm`` itself needs
 CUDA devices; where a GPU exists it can be checked the same way.
 
 Needs torch (the ``torch`` extra: ``pip install 'mpibn[torch]'``, pinned to
@@ -28,11 +28,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import concat, groups, load, uses_batch_statistics, write  # noqa: E402
 
 
-def run_group(torch, ranks, members, s, param_dtype):
+def run_group(torch, ranks, members, s):
     F = torch.nn.functional
     first = ranks[members[0]]
     tdtype = getattr(torch, s["dtype"])
-    pdtype = getattr(torch, param_dtype)
+    pdtype = torch.float64 if s["dtype"] == "float64" else torch.float32
     weight = torch.tensor(first["gamma"], dtype=pdtype, requires_grad=True)
     bias = torch.tensor(first["beta"], dtype=pdtype, requires_grad=True)
     running_mean = torch.tensor(first["moving_mean0"], dtype=pdtype)
@@ -71,8 +71,6 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("golden")
     parser.add_argument("out")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"],
-                        help="dtype of parameters and moving statistics (default float32)")
     args = parser.parse_args(argv)
     try:
         import torch
@@ -82,7 +80,7 @@ def main(argv=None):
     manifest, data = load(args.golden)
     for name, s in manifest["scenarios"].items():
         for members in groups(s):
-            for r, arrays in run_group(torch, data[name], members, s, args.dtype).items():
+            for r, arrays in run_group(torch, data[name], members, s).items():
                 write(args.out, name, r, arrays)
     print(f"torch {torch.__version__} (CPU, F.batch_norm on each group's batch): "
           f"{len(manifest['scenarios'])} scenarios written to {args.out}")
