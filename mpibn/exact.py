@@ -164,10 +164,10 @@ def exact_sums(u, w=None):
     for start in range(0, n, _ROWS):
         rows = slice(start, start + _ROWS)
         ch = np.broadcast_to(channel, lin_u[rows].shape).ravel()
-        sign, mant, lsb = _decompose(lin_u[rows].ravel())
+        su, mu, eu = _decompose(u[rows].ravel())
+        sign, mant, lsb = (su, mu, eu) if lin_u is u else _decompose(lin_u[rows].ravel())
         _grouped(lin, ch, lsb, LIN_BASE, [(_HALF, sign * (mant >> _HALF)),
                                           (0, sign * (mant & ((1 << _HALF) - 1)))])
-        su, mu, eu = _decompose(u[rows].ravel())
         sw, mw, ew = (su, mu, eu) if same else _decompose(w[rows].ravel())
         a, b = _pieces(mu), _pieces(mw)
         sign = su * sw

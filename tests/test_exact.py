@@ -231,6 +231,32 @@ def test_exact_nonfinite_raise_and_propagate():
     assert mean[1] == np.inf and np.isnan(var[1]) and np.isfinite(mean[0]) and np.isfinite(var[0])
 
 
+def test_exact_agreed_errors_on_every_rank():
+    # A bad input on one rank still joins the exact-mode collective, and
+    # every rank raises the same exception, forward and backward.
+    x = np.random.default_rng(9).standard_normal((6, 2))
+
+    def rank_fn(group, rank):
+        ex = make_exchange(group, 2, True)
+        caught = []
+        try:
+            sync_batch_norm(x[:3] if rank == 0 else x[3:, :1], np.ones(2), np.zeros(2), group_comm=group,
+                            exchange=ex, exact=True)
+        except ValueError as exc:
+            caught.append(str(exc))
+        y, saved = sync_batch_norm(x[3 * rank:3 * rank + 3], np.ones(2), np.zeros(2), group_comm=group,
+                                   exchange=ex, exact=True, tag=(0, 1))
+        try:
+            sync_batch_norm_backward(x[:2] if rank == 1 else x[:3], saved)
+        except ValueError as exc:
+            caught.append(str(exc))
+        return caught, group.allreduce_calls
+
+    for caught, calls in run_group(2, rank_fn):
+        assert len(caught) == 2 and calls == 3
+        assert "rank 1: x has 1 channels" in caught[0] and "rank 1: dy has shape (2, 2)" in caught[1]
+
+
 # -- under mpiexec: real ranks, several splits and groups ----------------------------------
 
 def world_splits(size):
