@@ -15,7 +15,8 @@ import numbers
 
 import numpy as np
 
-from .comm import RowExchange, group_comm_for
+from .agree import agree_construction
+from .comm import RowExchange, group_comm_for, validate_process_groups
 from .init import initializer
 from .sync import sync_batch_norm, sync_batch_norm_backward
 
@@ -88,6 +89,47 @@ class SyncBatchNorm:
                  beta_init="zeros", moving_mean_init="zeros", moving_var_init="ones",
                  use_batch_statistics=None, process_groups=None, *, dtype=np.float32, comm=None,
                  nonfinite="raise"):
+        if comm is None:
+            from mpi4py import MPI
+            comm = MPI.COMM_WORLD
+        if not hasattr(comm, "Split"):
+            raise TypeError(f"comm must be an mpi4py intracommunicator, got {type(comm).__name__}")
+        self.comm = comm
+        # Check this rank's arguments, then agree with every rank of comm
+        # (one allgather) BEFORE the Split: a bad argument on one rank, or
+        # ranks that disagree, raise on every rank instead of hanging.
+        try:
+            self._init_local(num_features, eps, momentum, affine, gamma_init, beta_init, moving_mean_init,
+                             moving_var_init, use_batch_statistics, process_groups, dtype, nonfinite)
+            error = None
+        except (TypeError, ValueError) as exc:
+            error = exc
+        agree_construction(comm, None if error else self.agreed_fields(), error,
+                           "SyncBatchNorm construction")
+        self.group_comm = group_comm_for(comm, process_groups)     # collective on first use
+        # One preallocated buffer serves both passes: forward sends [mean, m2]
+        # per rank, backward [sum_dy, sum_dy_xhat]; tags tell the passes apart.
+        self._exchange = RowExchange(self.group_comm, self.num_features, 2)
+        self._serial = self.group_comm.new_layer_serial()
+        self._calls = 0
+        self._saved = None
+        self.batch_mean = None     # float64 (C,) statistics of the last training forward
+        self.batch_var = None
+
+    #: Construction arguments every rank of ``comm`` must agree on (mpibn.agree).
+    AGREED_FIELDS = ("num_features", "eps", "momentum", "dtype", "affine", "use_batch_statistics",
+                     "process_groups", "nonfinite")
+
+    def agreed_fields(self):
+        """{field: plain comparable value} for the construction agreement."""
+        canon = {"dtype": lambda d: np.dtype(d).name,
+                 "process_groups": lambda g: validate_process_groups(g, self.comm.Get_size()),
+                 "use_batch_statistics": lambda u: None if u is None else bool(u)}
+        return {f: canon.get(f, lambda v: v)(getattr(self, f)) for f in self.AGREED_FIELDS}
+
+    def _init_local(self, num_features, eps, momentum, affine, gamma_init, beta_init, moving_mean_init,
+                    moving_var_init, use_batch_statistics, process_groups, dtype, nonfinite):
+        """Argument checks and parameters: local, no communication."""
         num_features, eps, momentum, affine, dtype = _check_args(
             num_features, eps, momentum, affine, use_batch_statistics, dtype, nonfinite)
         self.num_features, self.eps, self.momentum, self.affine = num_features, eps, momentum, affine
@@ -107,20 +149,7 @@ class SyncBatchNorm:
         if (self.moving_variance.data < 0).any():
             raise ValueError(f"moving_var_init gives negative variances: {self.moving_variance.data}")
 
-        if comm is None:
-            from mpi4py import MPI
-            comm = MPI.COMM_WORLD
-        if not hasattr(comm, "Split"):
-            raise TypeError(f"comm must be an mpi4py intracommunicator, got {type(comm).__name__}")
-        self.group_comm = group_comm_for(comm, process_groups)     # collective on first use
-        # One preallocated buffer serves both passes: forward sends [mean, m2]
-        # per rank, backward [sum_dy, sum_dy_xhat]; tags tell the passes apart.
-        self._exchange = RowExchange(self.group_comm, num_features, 2)
-        self._serial = self.group_comm.new_layer_serial()
-        self._calls = 0
-        self._saved = None
-        self.batch_mean = None     # float64 (C,) statistics of the last training forward
-        self.batch_var = None
+        validate_process_groups(process_groups, self.comm.Get_size())
 
     # -- MindSpore-style surface --------------------------------------------------------
 
@@ -156,6 +185,13 @@ class SyncBatchNorm:
             self.group_comm.release()
             self.group_comm = None
 
+    def _check_open(self, what):
+        # A closed layer's group has no communicator: computing would give
+        # local statistics silently, so refuse (no peer waits: nothing was sent).
+        if self.group_comm is None:
+            raise RuntimeError(f"{self._context(what)}: the layer is closed; close() released its "
+                               f"group communicator")
+
     def __enter__(self):
         return self
 
@@ -173,6 +209,7 @@ class SyncBatchNorm:
         With batch statistics: one Allreduce over the group, then the moving
         statistics are updated. With moving statistics: no communication.
         """
+        self._check_open("construct")
         self._saved = None
         training = self.uses_batch_statistics
         if training:
@@ -192,6 +229,7 @@ class SyncBatchNorm:
 
         After a forward with batch statistics: one Allreduce over the group.
         """
+        self._check_open("backward")
         dx, dgamma, dbeta = sync_batch_norm_backward(
             dy, self._saved, exchange=self._exchange, training=self.uses_batch_statistics)
         if self.affine:
