@@ -164,6 +164,16 @@ class SyncBatchNorm:
     def get_parameters(self):
         return [self.gamma, self.beta, self.moving_mean, self.moving_variance]
 
+    def state_dict(self):
+        """{parameter name: copy of its array}; see ``mpibn.checkpoint``."""
+        from .checkpoint import state_dict
+        return state_dict(self)
+
+    def load_state_dict(self, state):
+        """Load a ``state_dict()``: every name, shape and dtype checked first, all or nothing."""
+        from .checkpoint import load_state_dict
+        load_state_dict(self, state)
+
     def __repr__(self):
         return (f"SyncBatchNorm(num_features={self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, use_batch_statistics={self.use_batch_statistics}, "
