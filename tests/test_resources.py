@@ -1,0 +1,110 @@
+"""Resources: close() and the context manager free communicators; no growth.
+
+Live communicators are counted through the GroupComm cache
+(``mpibn.comm._CACHE``: one entry per live (parent, grouping)), and each
+GroupComm's ``comm`` is None once freed. Under mpiexec, more layers are
+created and closed than MPICH has context ids (2048 in its default build),
+so a close() that forgot to free would make Comm.Split fail.
+"""
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from mpibn import SyncBatchNorm
+from mpibn.comm import _CACHE
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_soak():
+    spec = importlib.util.spec_from_file_location("soak", os.path.join(ROOT, "scripts", "soak.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_layers_share_one_group_comm_and_the_last_close_frees_it():
+    comm = MPI.COMM_WORLD
+    before = len(_CACHE)
+    a = SyncBatchNorm(2, comm=comm)
+    b = SyncBatchNorm(3, comm=comm)
+    shared = a.group_comm
+    counts = [len(_CACHE)]
+    a.close()
+    counts.append(len(_CACHE))
+    a.close()                                  # closing twice is harmless
+    b.close()
+    counts.append(len(_CACHE))
+    assert b.group_comm is None and a.group_comm is None
+    assert counts == [before + 1, before + 1, before]
+    assert shared.comm is None                 # freed (or never needed, alone)
+
+
+def test_context_manager_closes_even_on_error():
+    before = len(_CACHE)
+    with pytest.raises(ZeroDivisionError):
+        with SyncBatchNorm(2, comm=MPI.COMM_WORLD) as bn:
+            assert len(_CACHE) == before + 1
+            1 / 0
+    assert bn.group_comm is None and len(_CACHE) == before
+
+
+def test_closed_layer_refuses_to_compute():
+    bn = SyncBatchNorm(2, comm=MPI.COMM_SELF).set_train()
+    x = np.random.default_rng(0).normal(size=(3, 2)).astype(np.float32)
+    bn(x)
+    bn.close()
+    with pytest.raises(RuntimeError, match="the layer is closed"):
+        bn(x)
+    with pytest.raises(RuntimeError, match="the layer is closed"):
+        bn.backward(np.random.default_rng(1).normal(size=x.shape).astype(np.float32))
+
+
+def groupings(size):
+    """Distinct groupings of ``size`` ranks (each makes a real sub-communicator)."""
+    ranks = list(range(size))
+    out = [None, [ranks], [ranks[: size // 2], ranks[size // 2:]]]
+    if size >= 4:
+        out += [[[0, 2], [1, 3]], [[0, 3], [1, 2]], [[0, 1, 2]], [[1, 2, 3]]]
+    return out
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(300)
+def test_many_layers_with_distinct_groupings_do_not_run_out_of_contexts():
+    comm = MPI.COMM_WORLD
+    before = len(_CACHE)
+    options = groupings(comm.Get_size())
+    live, freed, failure = [], 0, None
+    try:
+        for i in range(2500):                  # 6/7 of them on each rank: > MPICH's 2048 context ids
+            with SyncBatchNorm(2, comm=comm, process_groups=options[i % len(options)]) as bn:
+                live.append(len(_CACHE))
+                group = bn.group_comm
+            freed += group.comm is None
+    except Exception as exc:                   # noqa: BLE001 - asserted below on every rank
+        failure = repr(exc)
+    failures = comm.allgather(failure)
+    assert failures == [None] * comm.Get_size()
+    assert set(live) == {before + 1}
+    assert freed == 2500 and len(_CACHE) == before
+
+
+@pytest.mark.timeout(300)
+def test_soak_no_growth_no_leak():
+    # Serially the group is one rank (no communication) and under mpiexec
+    # it is COMM_WORLD; either way: uneven and empty shards, constant memory.
+    soak = load_soak()
+    comm = MPI.COMM_WORLD
+    result = soak.soak(comm, steps=300, warmup=60)
+    results = comm.allgather(result)
+    size = comm.Get_size()
+    for res in results:
+        assert res["heap_growth_bytes"] < 16 * 1024, res
+        assert res["cache_after"] == res["cache_before"] and res["comm_freed"], res
+        assert res["allreduce_calls"] == (2 * 300 if size > 1 else 0), res
+    if size > 1:                               # alone, a rank cannot be empty (total must be > 1)
+        assert sum(res["empty_shards"] for res in results) > 0
