@@ -11,6 +11,9 @@ peers are already waiting in the backward Allreduce), rank ``--rank``:
 * ``kill``: sends itself SIGKILL (no Python cleanup at all); mpiexec sees a
   rank die and ends the others;
 * ``exit``: calls sys.exit(3) (a rank that gives up quietly);
+* ``badx`` / ``nan``: passes an int32 x / an x holding a NaN to forward:
+  every rank raises the same agreed TypeError / FloatingPointError, and
+  ``python -m mpi4py`` ends the job;
 * ``none``: does nothing (the control: the job ends normally with 0).
 
 Before failing, the rank writes the wall-clock time to ``--stamp`` so the
@@ -30,7 +33,7 @@ from mpibn import SyncBatchNorm
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fault", choices=["raise", "kill", "exit", "none"], required=True)
+    parser.add_argument("--fault", choices=["raise", "kill", "exit", "badx", "nan", "none"], required=True)
     parser.add_argument("--rank", type=int, default=1)
     parser.add_argument("--step", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
@@ -43,12 +46,18 @@ def main():
     bn = SyncBatchNorm(4, comm=comm).set_train()
     for step in range(args.steps):
         x = rng.normal(size=(int(rng.integers(0, 6)) + 1, 4, 3, 3)).astype(np.float32)
-        bn(x)
-        if step == args.step and rank == args.rank and args.fault != "none":
+        faulty = step == args.step and rank == args.rank and args.fault != "none"
+        if faulty:
             if args.stamp:
                 with open(args.stamp, "w") as f:
                     f.write(repr(time.time()))
             print(f"fault_job: rank {rank} step {step}: {args.fault}", flush=True)
+            if args.fault == "badx":
+                x = x.astype(np.int32)
+            if args.fault == "nan":
+                x[0, 1, 0, 0] = np.nan
+        bn(x)
+        if faulty:
             if args.fault == "raise":
                 raise RuntimeError(f"injected fault on rank {rank} at step {step}")
             if args.fault == "kill":

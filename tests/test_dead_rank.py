@@ -62,14 +62,21 @@ def run_job(tmp_path, fault, rank, np_=4, step=2):
 
 
 @pytest.mark.timeout(STARTUP + 2 * DEADLINE)
-@pytest.mark.parametrize("fault, rank", [("raise", 1), ("raise", 0), ("kill", 2), ("kill", 0), ("exit", 3)])
+@pytest.mark.parametrize("fault, rank", [("raise", 1), ("raise", 0), ("kill", 2), ("kill", 0), ("exit", 3),
+                                         ("badx", 2), ("nan", 1)])
 def test_failing_rank_ends_the_job(tmp_path, fault, rank):
     rc, after, out = run_job(tmp_path, fault, rank)
+    agreed = {"badx": "TypeError: SyncBatchNorm(num_features=4).construct (group ranks [0, 1, 2, 3]): "
+                      "rank 2: x has dtype int32",
+              "nan": "FloatingPointError: SyncBatchNorm(num_features=4).construct: NaN or Inf in the "
+                     "training batch at rank 1 channel 1"}
     print(f"{fault} on rank {rank}: exit status {rc}, job ended {after:.2f} s after the fault")
     assert after is not None, out            # the fault happened ...
     assert rc != 0, out                      # ... and the job failed, promptly (run_job's deadline)
     assert f"fault_job: rank {rank} step 2: {fault}" in out
     assert "steps done" not in out
+    if fault in agreed:                      # the agreed error, uncaught, ended the job
+        assert agreed[fault] in out, out
 
 
 @pytest.mark.timeout(STARTUP + 2 * DEADLINE)

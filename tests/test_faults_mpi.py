@@ -286,3 +286,23 @@ def test_eval_mode_errors_are_local_and_nan_propagates_elementwise():
     assert y_nan[mask].tobytes() == y[mask].tobytes()
     assert after == before
     assert calls_after == calls
+
+
+@pytest.mark.mpi(min_size=2)
+def test_layers_called_out_of_order_is_agreed():
+    # Two layers of the same width share one communicator; the last rank
+    # calls them in the other order. Widths match, so the Allreduce itself
+    # would succeed and silently mix the layers' statistics: the (layer,
+    # call) tags in the buffer turn it into an error on every rank.
+    comm, rank, size = world()
+    first, second = trained(comm), trained(comm)
+    before = snapshot(first) + snapshot(second)
+    x = data(rank)
+    err = attempt(lambda: (second if rank == size - 1 else first)(x))
+    seen = gather_errors(comm, err)
+    after = snapshot(first) + snapshot(second)
+    first.close()
+    second.close()
+    assert isinstance(err, RuntimeError) and len(set(seen)) == 1
+    assert "ranks are in different layer calls" in str(err)
+    assert after == before
