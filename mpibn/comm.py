@@ -26,12 +26,16 @@ hangs, and then every rank raises the same exception (``raise_agreed``).
 is in: ranks that mix up their layers get an agreed error, not a silent mix
 of two layers' statistics.
 """
+import os
+import time
+
 import numpy as np
 from mpi4py import MPI
 
 from .errors import N_DETAILS, Problem
 
-__all__ = ["GroupComm", "RowExchange", "group_comm_for", "validate_process_groups"]
+__all__ = ["GroupComm", "RowExchange", "CollectiveTimeout", "group_comm_for",
+           "validate_process_groups"]
 
 HEADER = 4 + N_DETAILS   # status, count, layer, call, details
 
@@ -87,9 +91,32 @@ class GroupComm:
         self.rank = self.ranks.index(parent_rank)
         self.size = len(self.ranks)
         self.allreduce_calls = 0
+        # Debug mode (see _allreduce_with_deadline): seconds, or None.
+        timeout = os.environ.get("MPIBN_DEBUG_TIMEOUT")
+        self.debug_timeout = float(timeout) if timeout else None
         self._users = 0
-        self._key = None
+        self._cache, self._key = {}, None     # where group_comm_for keeps this group
         self._layers = 0
+        self._buf = np.zeros((self.size, HEADER))
+
+    def reserve(self, width):
+        """Make the group's one buffer at least ``width`` numbers per row.
+
+        Every layer of the group exchanges the *same* (P, width) buffer, the
+        widest any of them needs. Were widths per layer, ranks that called a
+        C=64 and a C=128 layer in the same slot would pass different counts
+        to Allreduce (MPICH aborts with "Message truncated"; other MPIs may
+        corrupt memory); with one width the call goes through and the tags
+        in the header give a clear, agreed error instead. Layers are made
+        collectively, so every rank reserves the same widths in the same order.
+        """
+        if width > self._buf.shape[1]:
+            self._buf = np.zeros((self.size, width))
+
+    def buffer(self):
+        """The group's (P, width) exchange buffer, zeroed."""
+        self._buf.fill(0.0)
+        return self._buf
 
     def new_layer_serial(self):
         """A number for a new layer on this group, the same on every rank
@@ -97,29 +124,86 @@ class GroupComm:
         self._layers += 1
         return self._layers
 
-    def allreduce_sum(self, buf):
+    def allreduce_sum(self, buf, tag=(0, 0)):
         """In-place SUM Allreduce of a float64 array over the group."""
-        if self.comm is not None:
+        if self.comm is None:
+            return buf
+        if self.debug_timeout is None:
             # Uppercase (buffer) Allreduce: no pickling on the hot path.
             self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-            self.allreduce_calls += 1
+        else:
+            self._allreduce_with_deadline(buf, tag)
+        self.allreduce_calls += 1
         return buf
+
+    def _allreduce_with_deadline(self, buf, tag):
+        """Debug mode: a non-blocking Allreduce that reports who is missing.
+
+        A rank that never calls its layer cannot be detected by the other
+        ranks without waiting: the collective simply does not complete. Here
+        each rank also tells every peer "I am in (layer, call)" by a small
+        point-to-point message, then polls. Past the deadline it raises
+        ``CollectiveTimeout`` naming the peers it heard nothing from (and
+        those that are in another call); under ``python -m mpi4py`` that
+        ends the whole job instead of leaving it to hang.
+        """
+        me = np.array(tag, dtype=np.float64)
+        peers = [r for r in range(self.size) if r != self.rank]
+        heard = {r: np.zeros(2) for r in peers}
+        requests = [self.comm.Isend(me, dest=r, tag=_DEBUG_TAG) for r in peers]
+        receives = {r: self.comm.Irecv(heard[r], source=r, tag=_DEBUG_TAG) for r in peers}
+        reduction = self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        deadline = time.monotonic() + self.debug_timeout
+        while not reduction.Test():
+            if time.monotonic() > deadline:
+                missing = [self.ranks[r] for r, q in receives.items() if not q.Test()]
+                elsewhere = [f"rank {self.ranks[r]} in layer {int(heard[r][0])} call {int(heard[r][1])}"
+                             for r, q in receives.items() if self.ranks[r] not in missing
+                             and tuple(heard[r]) != tuple(me)]
+                raise CollectiveTimeout(
+                    f"rank {self.ranks[self.rank]} waited {self.debug_timeout} s in layer {tag[0]} "
+                    f"call {tag[1]} of group {list(self.ranks)}; never arrived: {missing or 'none'}"
+                    + (f"; in another call: {', '.join(elsewhere)}" if elsewhere else ""))
+            time.sleep(1e-4)
+        MPI.Request.Waitall(requests + list(receives.values()))
 
     def release(self):
         """Drop one user; the communicator is freed with its last user."""
         self._users -= 1
         if self._users > 0:
             return
-        _CACHE.pop(self._key, None)
+        self._cache.pop(self._key, None)
         if self.comm is not None:
             self.comm.Free()
             self.comm = None
 
 
-# (parent handle, canonical groups) -> GroupComm. Every rank of the parent
-# builds the same layers in the same order, so a hit on one rank is a hit on
-# all: Comm.Split (a collective) is called by all ranks or by none.
-_CACHE = {}
+class CollectiveTimeout(RuntimeError):
+    """Debug mode: a collective did not complete before its deadline."""
+
+
+_DEBUG_TAG = 0x6D70   # point-to-point tag of the debug-mode "I am here" messages
+
+# Comm.Split calls made so far (tests check that layers share communicators).
+split_calls = 0
+
+# The cache lives *on the parent communicator*, as an MPI attribute (the
+# standard way for a library to keep per-communicator state): a dict
+# {canonical groups: GroupComm}. It dies with the parent, so a communicator
+# freed and another created with the same handle can never be confused.
+# Every rank of the parent builds the same layers in the same order, so a
+# hit on one rank is a hit on all: Comm.Split (a collective) is called by
+# all ranks or by none.
+_KEYVAL = MPI.Comm.Create_keyval()
+
+
+def group_cache(comm):
+    """{canonical process_groups: GroupComm} kept on ``comm``."""
+    cache = comm.Get_attr(_KEYVAL)
+    if cache is None:
+        cache = {}
+        comm.Set_attr(_KEYVAL, cache)
+    return cache
 
 
 def group_comm_for(comm, process_groups):
@@ -130,12 +214,12 @@ def group_comm_for(comm, process_groups):
     same order. Later layers with the same grouping share the communicator.
     """
     groups = validate_process_groups(process_groups, comm.Get_size())
-    key = (comm.py2f(), groups)
-    group = _CACHE.get(key)
+    cache = group_cache(comm)
+    group = cache.get(groups)
     if group is None:
         group = _split(comm, groups)
-        group._key = key
-        _CACHE[key] = group
+        group._cache, group._key = cache, groups
+        cache[groups] = group
     group._users += 1
     return group
 
@@ -148,18 +232,26 @@ def _split(comm, groups):
     color = groups.index(mine) if len(mine) > 1 else MPI.UNDEFINED
     # Split is collective over the parent: ranks that will not communicate
     # (alone, or in no group) still take part, with color UNDEFINED.
+    global split_calls
+    split_calls += 1
     sub = comm.Split(color, key=rank)
     return GroupComm(None if sub == MPI.COMM_NULL else sub, mine, rank)
 
 
 class RowExchange:
-    """A preallocated (P, HEADER + k*C) buffer and the one Allreduce on it."""
+    """One layer's view of its group's buffer: rows of HEADER + k*C numbers."""
 
     def __init__(self, group, channels, k):
         self.group = group
         self.channels = channels
         self.k = k
-        self.buf = np.zeros((group.size, HEADER + k * channels))
+        self.width = HEADER + k * channels
+        group.reserve(self.width)
+
+    @property
+    def buf(self):
+        """The buffer of the last exchange (for explain and debugging)."""
+        return self.group._buf
 
     def exchange(self, problem, count, payload, context, tag=(0, 0)):
         """Send this rank's (problem, count, payload (k, C)); return every rank's.
@@ -170,8 +262,7 @@ class RowExchange:
         raises the agreed exception on every rank when any rank reported a
         problem. ``payload`` may be None when ``problem`` is set.
         """
-        buf = self.buf
-        buf.fill(0.0)
+        buf = self.group.buffer()
         row = buf[self.group.rank]
         row[2:4] = tag
         if problem is not None:
@@ -179,11 +270,12 @@ class RowExchange:
             row[4:HEADER] = problem.details
         else:
             row[1] = count
-            row[HEADER:] = np.ravel(payload)
-        self.group.allreduce_sum(buf)
+            row[HEADER:self.width] = np.ravel(payload)
+        self.group.allreduce_sum(buf, tag)
         raise_agreed(buf, self.group, context)
         check_tags(buf, self.group, context)
-        return buf[:, 1].copy(), buf[:, HEADER:].reshape(-1, self.k, self.channels).copy()
+        payloads = buf[:, HEADER:self.width].reshape(-1, self.k, self.channels)
+        return buf[:, 1].copy(), payloads.copy()
 
 
 def raise_agreed(buf, group, context):

@@ -1,9 +1,10 @@
 """The layer room: MindSpore's ``nn.SyncBatchNorm`` as a NumPy object.
 
-It validates arguments, keeps parameters and moving statistics, decides
-between batch and moving statistics, and composes math -> comm -> math.
-It holds no formula of its own (those are in ``mpibn.functional``) and no
-MPI call of its own (those are in ``mpibn.comm``).
+It validates arguments, keeps parameters and moving statistics, and decides
+between batch and moving statistics; the stateless functions of
+``mpibn.sync`` compose math -> comm -> math for it. It holds no formula of
+its own (those are in ``mpibn.functional``) and no MPI call of its own
+(those are in ``mpibn.comm``).
 
 Construction is a **collective** over ``comm``: every rank of ``comm``
 must construct the layer, in the same order relative to other layers,
@@ -12,6 +13,7 @@ by every later layer with the same ``process_groups``).
 """
 import math
 import numbers
+import os
 
 import numpy as np
 
@@ -81,6 +83,11 @@ class SyncBatchNorm:
       batch a FloatingPointError on every rank of the group, with the moving
       statistics left as they were; ``'propagate'`` lets IEEE values through
       as other frameworks do.
+    * ``debug_timeout``: seconds. Debug mode for the group (all layers that
+      share its communicator): each collective becomes a non-blocking one
+      with a deadline, and a rank that waits longer raises
+      ``mpibn.comm.CollectiveTimeout`` naming the ranks that never arrived.
+      Also set by the environment variable ``MPIBN_DEBUG_TIMEOUT``.
 
     The layer starts in eval mode (``training`` is False), as in MindSpore.
     """
@@ -88,7 +95,7 @@ class SyncBatchNorm:
     def __init__(self, num_features, eps=1e-5, momentum=0.9, affine=True, gamma_init="ones",
                  beta_init="zeros", moving_mean_init="zeros", moving_var_init="ones",
                  use_batch_statistics=None, process_groups=None, *, dtype=np.float32, comm=None,
-                 nonfinite="raise"):
+                 nonfinite="raise", debug_timeout=None):
         if comm is None:
             from mpi4py import MPI
             comm = MPI.COMM_WORLD
@@ -100,15 +107,19 @@ class SyncBatchNorm:
         # ranks that disagree, raise on every rank instead of hanging.
         try:
             self._init_local(num_features, eps, momentum, affine, gamma_init, beta_init, moving_mean_init,
-                             moving_var_init, use_batch_statistics, process_groups, dtype, nonfinite)
+                             moving_var_init, use_batch_statistics, process_groups, dtype, nonfinite,
+                             debug_timeout)
             error = None
         except (TypeError, ValueError) as exc:
             error = exc
         agree_construction(comm, None if error else self.agreed_fields(), error,
                            "SyncBatchNorm construction")
         self.group_comm = group_comm_for(comm, process_groups)     # collective on first use
-        # One preallocated buffer serves both passes: forward sends [mean, m2]
-        # per rank, backward [sum_dy, sum_dy_xhat]; tags tell the passes apart.
+        if self.debug_timeout is not None:
+            self.group_comm.debug_timeout = self.debug_timeout
+        # The group's one preallocated buffer serves both passes: forward sends
+        # [mean, m2] per rank, backward [sum_dy, sum_dy_xhat]; tags tell the
+        # layers and passes apart.
         self._exchange = RowExchange(self.group_comm, self.num_features, 2)
         self._serial = self.group_comm.new_layer_serial()
         self._calls = 0
@@ -117,18 +128,21 @@ class SyncBatchNorm:
         self.batch_var = None
 
     #: Construction arguments every rank of ``comm`` must agree on (mpibn.agree).
+    #: debug_timeout too: a non-blocking Iallreduce does not match a blocking Allreduce.
     AGREED_FIELDS = ("num_features", "eps", "momentum", "dtype", "affine", "use_batch_statistics",
-                     "process_groups", "nonfinite")
+                     "process_groups", "nonfinite", "debug_timeout")
 
     def agreed_fields(self):
         """{field: plain comparable value} for the construction agreement."""
         canon = {"dtype": lambda d: np.dtype(d).name,
                  "process_groups": lambda g: validate_process_groups(g, self.comm.Get_size()),
-                 "use_batch_statistics": lambda u: None if u is None else bool(u)}
+                 "use_batch_statistics": lambda u: None if u is None else bool(u),
+                 # the group-wide environment switch counts too (see mpibn.comm)
+                 "debug_timeout": lambda t: t if t is not None else os.environ.get("MPIBN_DEBUG_TIMEOUT")}
         return {f: canon.get(f, lambda v: v)(getattr(self, f)) for f in self.AGREED_FIELDS}
 
     def _init_local(self, num_features, eps, momentum, affine, gamma_init, beta_init, moving_mean_init,
-                    moving_var_init, use_batch_statistics, process_groups, dtype, nonfinite):
+                    moving_var_init, use_batch_statistics, process_groups, dtype, nonfinite, debug_timeout):
         """Argument checks and parameters: local, no communication."""
         num_features, eps, momentum, affine, dtype = _check_args(
             num_features, eps, momentum, affine, use_batch_statistics, dtype, nonfinite)
@@ -149,6 +163,9 @@ class SyncBatchNorm:
         if (self.moving_variance.data < 0).any():
             raise ValueError(f"moving_var_init gives negative variances: {self.moving_variance.data}")
 
+        if debug_timeout is not None and not (isinstance(debug_timeout, numbers.Real) and debug_timeout > 0):
+            raise ValueError(f"debug_timeout must be a number of seconds > 0 or None, got {debug_timeout!r}")
+        self.debug_timeout = None if debug_timeout is None else float(debug_timeout)
         validate_process_groups(process_groups, self.comm.Get_size())
 
     # -- MindSpore-style surface --------------------------------------------------------

@@ -19,7 +19,7 @@ reachable as ``mpibn.functional.sync_batch_norm``)::
 import numpy as np
 
 from . import functional as F
-from .comm import RowExchange, local_problem
+from .comm import GroupComm, RowExchange, local_problem
 from .errors import BACKWARD_TWICE, NO_FORWARD, Problem, check_grad, check_input
 
 __all__ = ["sync_batch_norm", "sync_batch_norm_backward", "Saved"]
@@ -34,8 +34,9 @@ class Saved:
     nothing.
     """
 
-    def __init__(self, x, shape, mean, inv_std, gamma, count, group_comm, exchange, tag):
+    def __init__(self, x, shape, mean, inv_std, var, gamma, count, group_comm, exchange, tag):
         self.x, self.shape, self.mean, self.inv_std, self.gamma = x, shape, mean, inv_std, gamma
+        self.var = var            # biased batch variance (None with constant statistics)
         self.count = count
         self.group_comm, self.exchange, self.tag = group_comm, exchange, tag
         self.used = False
@@ -50,7 +51,8 @@ def sync_batch_norm(x, gamma, beta, *, group_comm, eps=1e-5, training=True, runn
     """Batch norm of x with statistics over the ranks of ``group_comm``.
 
     training=True: batch statistics of the group's concatenated batch (one
-    Allreduce; every rank of the group must call); ``running_mean`` and
+    Allreduce; every rank of the group must call; ``group_comm=None``: this
+    rank's batch alone); ``running_mean`` and
     ``running_var`` (arrays (C,), may be None) are then updated in place
     with MindSpore's momentum convention, only once every check has passed
     on every rank. training=False: ``running_mean``/``running_var`` are the
@@ -61,6 +63,8 @@ def sync_batch_norm(x, gamma, beta, *, group_comm, eps=1e-5, training=True, runn
     """
     channels = np.shape(gamma)[0]
     context = _context(channels, "construct")
+    if group_comm is None:
+        group_comm = GroupComm(None, (0,), 0)     # no peers: plain batch norm
     problem = check_input(x, channels)
     if training:
         exchange = exchange or RowExchange(group_comm, channels, 2)
@@ -73,8 +77,7 @@ def sync_batch_norm(x, gamma, beta, *, group_comm, eps=1e-5, training=True, runn
         count = var = None
     x3 = F.as_ncl(x)
     y = F.batch_norm_elemt(x3, mean, inv_std, gamma, beta)
-    saved = Saved(x3, x.shape, mean, inv_std, gamma, count, group_comm, exchange, tag)
-    saved.var = var
+    saved = Saved(x3, x.shape, mean, inv_std, var, gamma, count, group_comm, exchange, tag)
     return y.reshape(x.shape), saved
 
 

@@ -25,7 +25,12 @@ import numpy as np
 from mpi4py import MPI
 
 from mpibn import SyncBatchNorm
-from mpibn.comm import _CACHE
+from mpibn import comm as mpibn_comm
+
+
+def live_groups(parent):
+    """Live group communicators on ``parent`` (its GroupComm cache)."""
+    return len(mpibn_comm.group_cache(parent))
 
 
 def shard_sizes(rng, size, high=5):
@@ -51,7 +56,7 @@ def soak(comm, steps, channels=4, seed=0, warmup=None):
     warmup = min(steps // 5, 200) if warmup is None else warmup
     shared = np.random.default_rng(seed)              # same draws on every rank
     own = np.random.default_rng(seed + 1 + rank)
-    cache_before = len(_CACHE)
+    cache_before = live_groups(comm)
     tracemalloc.start()
     bn = SyncBatchNorm(channels, comm=comm).set_train()
     group = bn.group_comm
@@ -76,7 +81,7 @@ def soak(comm, steps, channels=4, seed=0, warmup=None):
     return {"steps": steps, "empty_shards": empty, "seconds": seconds,
             "heap_growth_bytes": current - base, "heap_peak_bytes": peak,
             "rss_growth_kib": rss_kib() - rss0, "allreduce_calls": calls,
-            "cache_before": cache_before, "cache_after": len(_CACHE), "comm_freed": group.comm is None}
+            "cache_before": cache_before, "cache_after": live_groups(comm), "comm_freed": group.comm is None}
 
 
 def main():

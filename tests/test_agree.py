@@ -11,7 +11,7 @@ from mpi4py import MPI
 
 from mpibn import SyncBatchNorm
 from mpibn.agree import AgreementError, agree_construction, describe_disagreement
-from mpibn.comm import _CACHE
+from mpibn import comm as mpibn_comm
 
 FIELDS = {"num_features": 4, "eps": 1e-5, "momentum": 0.9, "dtype": "float32", "affine": True,
           "use_batch_statistics": None, "process_groups": None, "nonfinite": "raise"}
@@ -77,7 +77,8 @@ def test_layer_fields_are_canonical():
     with SyncBatchNorm(3, use_batch_statistics=np.bool_(True), dtype="float16", comm=MPI.COMM_SELF) as bn:
         fields = bn.agreed_fields()
     assert fields == {"num_features": 3, "eps": 1e-5, "momentum": 0.9, "dtype": "float16", "affine": True,
-                      "use_batch_statistics": True, "process_groups": None, "nonfinite": "raise"}
+                      "use_batch_statistics": True, "process_groups": None, "nonfinite": "raise",
+                      "debug_timeout": None}
     assert type(fields["use_batch_statistics"]) is bool
 
 
@@ -92,13 +93,13 @@ def test_layer_local_error_keeps_type_and_message():
 
 
 def _construct(**kwargs):
-    """Construct on COMM_WORLD; return (exception or None, cache size after)."""
+    """Construct on COMM_WORLD; return (exception or None, Comm.Split calls so far)."""
     try:
         SyncBatchNorm(**kwargs).close()
         err = None
     except Exception as exc:     # noqa: BLE001 - the test inspects it on every rank
         err = exc
-    return err, len(_CACHE)
+    return err, mpibn_comm.split_calls
 
 
 def _world():
@@ -109,10 +110,11 @@ def _world():
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("field, mine, theirs", [
     ("num_features", 4, 5), ("eps", 1e-5, 2e-5), ("momentum", 0.9, 0.1), ("dtype", np.float32, np.float64),
-    ("affine", True, False), ("use_batch_statistics", None, True), ("nonfinite", "raise", "propagate")])
+    ("affine", True, False), ("use_batch_statistics", None, True), ("nonfinite", "raise", "propagate"),
+    ("debug_timeout", None, 5.0)])
 def test_one_rank_disagrees(field, mine, theirs):
     comm, rank, size = _world()
-    before = len(_CACHE)
+    before = mpibn_comm.split_calls
     kwargs = {"num_features": 4, field: theirs if rank == size - 1 else mine}
     err, after = _construct(**kwargs)
     seen = comm.allgather(str(err))

@@ -1,7 +1,7 @@
 """Resources: close() and the context manager free communicators; no growth.
 
 Live communicators are counted through the GroupComm cache
-(``mpibn.comm._CACHE``: one entry per live (parent, grouping)), and each
+(``mpibn.comm.group_cache(parent)``: one entry per live grouping), and each
 GroupComm's ``comm`` is None once freed. Under mpiexec, more layers are
 created and closed than MPICH has context ids (2048 in its default build),
 so a close() that forgot to free would make Comm.Split fail.
@@ -14,9 +14,14 @@ import pytest
 from mpi4py import MPI
 
 from mpibn import SyncBatchNorm
-from mpibn.comm import _CACHE
+from mpibn import comm as mpibn_comm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def live_groups(parent):
+    """Live group communicators on ``parent`` (its GroupComm cache)."""
+    return len(mpibn_comm.group_cache(parent))
 
 
 def load_soak():
@@ -28,28 +33,28 @@ def load_soak():
 
 def test_layers_share_one_group_comm_and_the_last_close_frees_it():
     comm = MPI.COMM_WORLD
-    before = len(_CACHE)
+    before = live_groups(MPI.COMM_WORLD)
     a = SyncBatchNorm(2, comm=comm)
     b = SyncBatchNorm(3, comm=comm)
     shared = a.group_comm
-    counts = [len(_CACHE)]
+    counts = [live_groups(MPI.COMM_WORLD)]
     a.close()
-    counts.append(len(_CACHE))
+    counts.append(live_groups(MPI.COMM_WORLD))
     a.close()                                  # closing twice is harmless
     b.close()
-    counts.append(len(_CACHE))
+    counts.append(live_groups(MPI.COMM_WORLD))
     assert b.group_comm is None and a.group_comm is None
     assert counts == [before + 1, before + 1, before]
     assert shared.comm is None                 # freed (or never needed, alone)
 
 
 def test_context_manager_closes_even_on_error():
-    before = len(_CACHE)
+    before = live_groups(MPI.COMM_WORLD)
     with pytest.raises(ZeroDivisionError):
         with SyncBatchNorm(2, comm=MPI.COMM_WORLD) as bn:
-            assert len(_CACHE) == before + 1
+            assert live_groups(MPI.COMM_WORLD) == before + 1
             1 / 0
-    assert bn.group_comm is None and len(_CACHE) == before
+    assert bn.group_comm is None and live_groups(MPI.COMM_WORLD) == before
 
 
 def test_closed_layer_refuses_to_compute():
@@ -76,13 +81,13 @@ def groupings(size):
 @pytest.mark.timeout(300)
 def test_many_layers_with_distinct_groupings_do_not_run_out_of_contexts():
     comm = MPI.COMM_WORLD
-    before = len(_CACHE)
+    before = live_groups(MPI.COMM_WORLD)
     options = groupings(comm.Get_size())
     live, freed, failure = [], 0, None
     try:
         for i in range(2500):                  # 6/7 of them on each rank: > MPICH's 2048 context ids
             with SyncBatchNorm(2, comm=comm, process_groups=options[i % len(options)]) as bn:
-                live.append(len(_CACHE))
+                live.append(live_groups(MPI.COMM_WORLD))
                 group = bn.group_comm
             freed += group.comm is None
     except Exception as exc:                   # noqa: BLE001 - asserted below on every rank
@@ -90,7 +95,7 @@ def test_many_layers_with_distinct_groupings_do_not_run_out_of_contexts():
     failures = comm.allgather(failure)
     assert failures == [None] * comm.Get_size()
     assert set(live) == {before + 1}
-    assert freed == 2500 and len(_CACHE) == before
+    assert freed == 2500 and live_groups(MPI.COMM_WORLD) == before
 
 
 @pytest.mark.timeout(300)
