@@ -7,11 +7,10 @@ its own (those are in ``mpibn.functional``) and no MPI call of its own
 (those are in ``mpibn.comm``).
 
 Construction is a **collective** over ``comm``: every rank of ``comm``
-must construct the layer, in the same order relative to other layers
-(it starts with one allgather in which the ranks agree on the arguments,
-``mpibn.agree``),
+must construct the layer, in the same order relative to other layers,
 because the group communicator is made with ``Comm.Split`` (and then shared
-by every later layer with the same ``process_groups``).
+by every later layer with the same ``process_groups``). Before the Split,
+one allgather checks that the ranks agree on the arguments (``mpibn.agree``).
 """
 import math
 import numbers
