@@ -78,7 +78,7 @@ def test_layer_fields_are_canonical():
         fields = bn.agreed_fields()
     assert fields == {"num_features": 3, "eps": 1e-5, "momentum": 0.9, "dtype": "float16", "affine": True,
                       "use_batch_statistics": True, "process_groups": None, "nonfinite": "raise",
-                      "debug_timeout": None}
+                      "debug_timeout": None, "exact": False}
     assert type(fields["use_batch_statistics"]) is bool
 
 
@@ -111,7 +111,7 @@ def _world():
 @pytest.mark.parametrize("field, mine, theirs", [
     ("num_features", 4, 5), ("eps", 1e-5, 2e-5), ("momentum", 0.9, 0.1), ("dtype", np.float32, np.float64),
     ("affine", True, False), ("use_batch_statistics", None, True), ("nonfinite", "raise", "propagate"),
-    ("debug_timeout", None, 5.0)])
+    ("debug_timeout", None, 5.0), ("exact", False, True)])
 def test_one_rank_disagrees(field, mine, theirs):
     comm, rank, size = _world()
     before = mpibn_comm.split_calls
