@@ -4,11 +4,13 @@ in pure NumPy with explicit forward and backward passes, synchronised over MPI.
 Rooms: ``mpibn.functional`` (the math, no MPI), ``mpibn.comm`` (group
 communicators and the one Allreduce per pass), ``mpibn.sync`` (math -> comm
 -> math, stateless), ``mpibn.layer`` (the MindSpore-shaped object),
-``mpibn.init`` (initializers).
+``mpibn.init`` (initializers), ``mpibn.agree`` (ranks agree on how a layer is
+built), ``mpibn.checkpoint`` (state, atomic checkpoints).
 """
 __version__ = "0.1.0"
 
-__all__ = ["SyncBatchNorm", "Parameter", "functional", "init", "__version__"]
+__all__ = ["SyncBatchNorm", "Parameter", "functional", "init", "save_checkpoint", "load_checkpoint",
+           "load_param_into_net", "__version__"]
 
 
 def __getattr__(name):
@@ -17,7 +19,10 @@ def __getattr__(name):
     if name in ("SyncBatchNorm", "Parameter"):
         from . import layer
         return getattr(layer, name)
-    if name in ("functional", "init", "comm", "sync", "layer"):
+    if name in ("save_checkpoint", "load_checkpoint", "load_param_into_net"):
+        from . import checkpoint
+        return getattr(checkpoint, name)
+    if name in ("functional", "init", "comm", "sync", "layer", "agree", "checkpoint"):
         import importlib
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

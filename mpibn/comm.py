@@ -97,9 +97,11 @@ class GroupComm:
         self._users = 0
         self._cache, self._key = {}, None     # where group_comm_for keeps this group
         self._layers = 0
-        self._buf = np.zeros((self.size, HEADER))
+        self._flat = np.zeros(self.size * HEADER)
+        self._buf = self._flat.reshape(self.size, HEADER)
+        self._shared = self._flat[self._flat.size:]
 
-    def reserve(self, width):
+    def reserve(self, width, shared=0):
         """Make the group's one buffer at least ``width`` numbers per row.
 
         Every layer of the group exchanges the *same* (P, width) buffer, the
@@ -109,13 +111,19 @@ class GroupComm:
         corrupt memory); with one width the call goes through and the tags
         in the header give a clear, agreed error instead. Layers are made
         collectively, so every rank reserves the same widths in the same order.
+
+        ``shared``: numbers of a summed region after the rows (``exact=True``
+        layers send integer limbs there), also the widest any layer needs.
         """
-        if width > self._buf.shape[1]:
-            self._buf = np.zeros((self.size, width))
+        width, shared = max(width, self._buf.shape[1]), max(shared, self._shared.size)
+        if (width, shared) != (self._buf.shape[1], self._shared.size):
+            self._flat = np.zeros(self.size * width + shared)
+            self._buf = self._flat[:self.size * width].reshape(self.size, width)
+            self._shared = self._flat[self.size * width:]
 
     def buffer(self):
-        """The group's (P, width) exchange buffer, zeroed."""
-        self._buf.fill(0.0)
+        """The group's (P, width) exchange buffer, zeroed (and its summed region)."""
+        self._flat.fill(0.0)
         return self._buf
 
     def new_layer_serial(self):
@@ -239,24 +247,38 @@ def _split(comm, groups):
 
 
 class RowExchange:
-    """One layer's view of its group's buffer: rows of HEADER + k*C numbers."""
+    """One layer's view of its group's buffer: rows of HEADER + k*C numbers.
 
-    def __init__(self, group, channels, k):
+    With ``shared`` > 0 the same Allreduce also carries a summed region of
+    that many numbers after the rows (``exact=True`` sends its integer limbs
+    there): every rank adds its own part and reads the group's sum in
+    ``self.shared``. The sum is exact in any reduction order only for
+    integers whose partial sums stay below 2^53, which is all it carries.
+    """
+
+    def __init__(self, group, channels, k, shared=0):
         self.group = group
         self.channels = channels
         self.k = k
         self.width = HEADER + k * channels
-        group.reserve(self.width)
+        self.shared_width = shared
+        group.reserve(self.width, shared)
 
     @property
     def buf(self):
         """The buffer of the last exchange (for explain and debugging)."""
         return self.group._buf
 
-    def exchange(self, problem, count, payload, context, tag=(0, 0)):
+    @property
+    def shared(self):
+        """The group's sum of the summed region after the last exchange."""
+        return self.group._shared[:self.shared_width]
+
+    def exchange(self, problem, count, payload, context, tag=(0, 0), shared=None):
         """Send this rank's (problem, count, payload (k, C)); return every rank's.
 
         ``tag`` = (layer, call) identifies the call; all ranks must agree.
+        ``shared``: this rank's addend to the summed region (None: zeros).
 
         Returns (counts (P,), payloads (P, k, C)) after one Allreduce, or
         raises the agreed exception on every rank when any rank reported a
@@ -271,7 +293,10 @@ class RowExchange:
         else:
             row[1] = count
             row[HEADER:self.width] = np.ravel(payload)
-        self.group.allreduce_sum(buf, tag)
+            if shared is not None:
+                self.group._shared[:self.shared_width] = np.ravel(shared)
+        # The rows alone when the group has no summed region (the same memory).
+        self.group.allreduce_sum(self.group._flat if self.group._shared.size else buf, tag)
         raise_agreed(buf, self.group, context)
         check_tags(buf, self.group, context)
         payloads = buf[:, HEADER:self.width].reshape(-1, self.k, self.channels)

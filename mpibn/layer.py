@@ -9,16 +9,20 @@ its own (those are in ``mpibn.functional``) and no MPI call of its own
 Construction is a **collective** over ``comm``: every rank of ``comm``
 must construct the layer, in the same order relative to other layers,
 because the group communicator is made with ``Comm.Split`` (and then shared
-by every later layer with the same ``process_groups``).
+by every later layer with the same ``process_groups``). Before the Split,
+one allgather checks that the ranks agree on the arguments (``mpibn.agree``).
 """
 import math
 import numbers
+import os
 
 import numpy as np
 
-from .comm import RowExchange, group_comm_for
+from .agree import agree_construction
+from .comm import group_comm_for, validate_process_groups
 from .init import initializer
 from .sync import sync_batch_norm, sync_batch_norm_backward
+from .sync_exact import make_exchange
 
 __all__ = ["SyncBatchNorm", "Parameter"]
 
@@ -86,6 +90,11 @@ class SyncBatchNorm:
       with a deadline, and a rank that waits longer raises
       ``mpibn.comm.CollectiveTimeout`` naming the ranks that never arrived.
       Also set by the environment variable ``MPIBN_DEBUG_TIMEOUT``.
+    * ``exact``: False (default) or True: batch mean and variance correctly
+      rounded from exact integer sums (``mpibn.exact``), still one Allreduce
+      per pass; y and dx then do not depend, bit for bit, on how the group's
+      batch is split across its ranks. Slower, and 202 float64 per channel
+      travel on top of the rows. Every rank must pass the same value.
 
     The layer starts in eval mode (``training`` is False), as in MindSpore.
     """
@@ -93,7 +102,56 @@ class SyncBatchNorm:
     def __init__(self, num_features, eps=1e-5, momentum=0.9, affine=True, gamma_init="ones",
                  beta_init="zeros", moving_mean_init="zeros", moving_var_init="ones",
                  use_batch_statistics=None, process_groups=None, *, dtype=np.float32, comm=None,
-                 nonfinite="raise", debug_timeout=None):
+                 nonfinite="raise", debug_timeout=None, exact=False):
+        if comm is None:
+            from mpi4py import MPI
+            comm = MPI.COMM_WORLD
+        if not hasattr(comm, "Split"):
+            raise TypeError(f"comm must be an mpi4py intracommunicator, got {type(comm).__name__}")
+        self.comm = comm
+        # Check this rank's arguments, then agree with every rank of comm
+        # (one allgather) BEFORE the Split: a bad argument on one rank, or
+        # ranks that disagree, raise on every rank instead of hanging.
+        try:
+            self._init_local(num_features, eps, momentum, affine, gamma_init, beta_init, moving_mean_init,
+                             moving_var_init, use_batch_statistics, process_groups, dtype, nonfinite,
+                             debug_timeout, exact)
+            error = None
+        except (TypeError, ValueError) as exc:
+            error = exc
+        agree_construction(comm, None if error else self.agreed_fields(), error,
+                           "SyncBatchNorm construction")
+        self.group_comm = group_comm_for(comm, process_groups)     # collective on first use
+        if self.debug_timeout is not None:
+            self.group_comm.debug_timeout = self.debug_timeout
+        # The group's one preallocated buffer serves both passes: forward sends
+        # [mean, m2] per rank, backward [sum_dy, sum_dy_xhat]; tags tell the
+        # layers and passes apart.
+        self._exchange = make_exchange(self.group_comm, self.num_features, self.exact)
+        self._serial = self.group_comm.new_layer_serial()
+        self._calls = 0
+        self._saved = None
+        self.batch_mean = None     # float64 (C,) statistics of the last training forward
+        self.batch_var = None
+
+    #: Construction arguments every rank of ``comm`` must agree on (mpibn.agree).
+    #: debug_timeout too: a non-blocking Iallreduce does not match a blocking Allreduce.
+    AGREED_FIELDS = ("num_features", "eps", "momentum", "dtype", "affine", "use_batch_statistics",
+                     "process_groups", "nonfinite", "debug_timeout", "exact")
+
+    def agreed_fields(self):
+        """{field: plain comparable value} for the construction agreement."""
+        canon = {"dtype": lambda d: np.dtype(d).name,
+                 "process_groups": lambda g: validate_process_groups(g, self.comm.Get_size()),
+                 "use_batch_statistics": lambda u: None if u is None else bool(u),
+                 # the group-wide environment switch counts too (see mpibn.comm)
+                 "debug_timeout": lambda t: t if t is not None else os.environ.get("MPIBN_DEBUG_TIMEOUT")}
+        return {f: canon.get(f, lambda v: v)(getattr(self, f)) for f in self.AGREED_FIELDS}
+
+    def _init_local(self, num_features, eps, momentum, affine, gamma_init, beta_init, moving_mean_init,
+                    moving_var_init, use_batch_statistics, process_groups, dtype, nonfinite, debug_timeout,
+                    exact=False):
+        """Argument checks and parameters: local, no communication."""
         num_features, eps, momentum, affine, dtype = _check_args(
             num_features, eps, momentum, affine, use_batch_statistics, dtype, nonfinite)
         self.num_features, self.eps, self.momentum, self.affine = num_features, eps, momentum, affine
@@ -101,6 +159,9 @@ class SyncBatchNorm:
         self.process_groups = process_groups
         self.dtype = dtype
         self.nonfinite = nonfinite
+        if not isinstance(exact, (bool, np.bool_)):
+            raise TypeError(f"exact must be a bool, got {type(exact).__name__}: {exact!r}")
+        self.exact = bool(exact)
         self.training = False
 
         shape = (num_features,)
@@ -113,25 +174,10 @@ class SyncBatchNorm:
         if (self.moving_variance.data < 0).any():
             raise ValueError(f"moving_var_init gives negative variances: {self.moving_variance.data}")
 
-        if comm is None:
-            from mpi4py import MPI
-            comm = MPI.COMM_WORLD
-        if not hasattr(comm, "Split"):
-            raise TypeError(f"comm must be an mpi4py intracommunicator, got {type(comm).__name__}")
         if debug_timeout is not None and not (isinstance(debug_timeout, numbers.Real) and debug_timeout > 0):
             raise ValueError(f"debug_timeout must be a number of seconds > 0 or None, got {debug_timeout!r}")
-        self.group_comm = group_comm_for(comm, process_groups)     # collective on first use
-        if debug_timeout is not None:
-            self.group_comm.debug_timeout = float(debug_timeout)
-        # The group's one preallocated buffer serves both passes: forward sends
-        # [mean, m2] per rank, backward [sum_dy, sum_dy_xhat]; tags tell the
-        # layers and passes apart.
-        self._exchange = RowExchange(self.group_comm, num_features, 2)
-        self._serial = self.group_comm.new_layer_serial()
-        self._calls = 0
-        self._saved = None
-        self.batch_mean = None     # float64 (C,) statistics of the last training forward
-        self.batch_var = None
+        self.debug_timeout = None if debug_timeout is None else float(debug_timeout)
+        validate_process_groups(process_groups, self.comm.Get_size())
 
     # -- MindSpore-style surface --------------------------------------------------------
 
@@ -145,6 +191,16 @@ class SyncBatchNorm:
 
     def get_parameters(self):
         return [self.gamma, self.beta, self.moving_mean, self.moving_variance]
+
+    def state_dict(self):
+        """{parameter name: copy of its array}; see ``mpibn.checkpoint``."""
+        from .checkpoint import state_dict
+        return state_dict(self)
+
+    def load_state_dict(self, state):
+        """Load a ``state_dict()``: every name, shape and dtype checked first, all or nothing."""
+        from .checkpoint import load_state_dict
+        load_state_dict(self, state)
 
     def __repr__(self):
         return (f"SyncBatchNorm(num_features={self.num_features}, eps={self.eps}, momentum={self.momentum}, "
@@ -167,6 +223,13 @@ class SyncBatchNorm:
             self.group_comm.release()
             self.group_comm = None
 
+    def _check_open(self, what):
+        # A closed layer's group has no communicator: computing would give
+        # local statistics silently, so refuse (no peer waits: nothing was sent).
+        if self.group_comm is None:
+            raise RuntimeError(f"{self._context(what)}: the layer is closed; close() released its "
+                               f"group communicator")
+
     def __enter__(self):
         return self
 
@@ -184,6 +247,7 @@ class SyncBatchNorm:
         With batch statistics: one Allreduce over the group, then the moving
         statistics are updated. With moving statistics: no communication.
         """
+        self._check_open("construct")
         self._saved = None
         training = self.uses_batch_statistics
         if training:
@@ -192,7 +256,8 @@ class SyncBatchNorm:
             x, self.gamma.data, self.beta.data, group_comm=self.group_comm, eps=self.eps,
             training=training, running_mean=self.moving_mean.data,
             running_var=self.moving_variance.data, momentum=self.momentum,
-            nonfinite=self.nonfinite, exchange=self._exchange, tag=(2 * self._serial, self._calls))
+            nonfinite=self.nonfinite, exchange=self._exchange, tag=(2 * self._serial, self._calls),
+            exact=self.exact)
         self._saved = saved
         if training:
             self.batch_mean, self.batch_var = saved.mean, saved.var
@@ -203,6 +268,7 @@ class SyncBatchNorm:
 
         After a forward with batch statistics: one Allreduce over the group.
         """
+        self._check_open("backward")
         dx, dgamma, dbeta = sync_batch_norm_backward(
             dy, self._saved, exchange=self._exchange, training=self.uses_batch_statistics)
         if self.affine:

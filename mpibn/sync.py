@@ -19,8 +19,9 @@ reachable as ``mpibn.functional.sync_batch_norm``)::
 import numpy as np
 
 from . import functional as F
-from .comm import GroupComm, RowExchange, local_problem
+from .comm import GroupComm, local_problem
 from .errors import BACKWARD_TWICE, NO_FORWARD, Problem, check_grad, check_input
+from .sync_exact import exact_backward_sums, exact_statistics, make_exchange
 
 __all__ = ["sync_batch_norm", "sync_batch_norm_backward", "Saved"]
 
@@ -34,11 +35,12 @@ class Saved:
     nothing.
     """
 
-    def __init__(self, x, shape, mean, inv_std, var, gamma, count, group_comm, exchange, tag):
+    def __init__(self, x, shape, mean, inv_std, var, gamma, count, group_comm, exchange, tag, exact=False):
         self.x, self.shape, self.mean, self.inv_std, self.gamma = x, shape, mean, inv_std, gamma
         self.var = var            # biased batch variance (None with constant statistics)
         self.count = count
         self.group_comm, self.exchange, self.tag = group_comm, exchange, tag
+        self.exact = exact
         self.used = False
 
 
@@ -47,7 +49,8 @@ def _context(num_features, what):
 
 
 def sync_batch_norm(x, gamma, beta, *, group_comm, eps=1e-5, training=True, running_mean=None,
-                    running_var=None, momentum=0.9, nonfinite="raise", exchange=None, tag=(0, 0)):
+                    running_var=None, momentum=0.9, nonfinite="raise", exchange=None, tag=(0, 0),
+                    exact=False):
     """Batch norm of x with statistics over the ranks of ``group_comm``.
 
     training=True: batch statistics of the group's concatenated batch (one
@@ -58,8 +61,15 @@ def sync_batch_norm(x, gamma, beta, *, group_comm, eps=1e-5, training=True, runn
     on every rank. training=False: ``running_mean``/``running_var`` are the
     statistics and nothing is communicated.
 
+    exact=True: mean and variance (and backward's two sums) come from exact
+    integer sums carried in the same one Allreduce (``mpibn.sync_exact``),
+    rounded once to float64: correctly rounded statistics, and y and dx
+    bitwise the same however the group's batch is split across its ranks.
+    Every rank of the group must pass the same ``exact``.
+
     Returns (y, saved): y has x's shape and dtype; ``saved`` feeds backward.
-    ``exchange`` is an optional preallocated ``comm.RowExchange`` (2 rows).
+    ``exchange`` is an optional preallocated ``comm.RowExchange`` (2 rows;
+    for exact=True one made by ``sync_exact.make_exchange(..., exact=True)``).
     """
     channels = np.shape(gamma)[0]
     context = _context(channels, "construct")
@@ -67,9 +77,10 @@ def sync_batch_norm(x, gamma, beta, *, group_comm, eps=1e-5, training=True, runn
         group_comm = GroupComm(None, (0,), 0)     # no peers: plain batch norm
     problem = check_input(x, channels)
     if training:
-        exchange = exchange or RowExchange(group_comm, channels, 2)
+        exchange = exchange or make_exchange(group_comm, channels, exact)
         mean, inv_std, count, var = batch_statistics(
-            x, problem, exchange, eps, context, tag, running_mean, running_var, momentum, nonfinite)
+            x, problem, exchange, eps, context, tag, running_mean, running_var, momentum, nonfinite,
+            exact)
     else:
         local_problem(problem, group_comm, context)
         mean = np.asarray(running_mean, np.float64)
@@ -77,32 +88,38 @@ def sync_batch_norm(x, gamma, beta, *, group_comm, eps=1e-5, training=True, runn
         count = var = None
     x3 = F.as_ncl(x)
     y = F.batch_norm_elemt(x3, mean, inv_std, gamma, beta)
-    saved = Saved(x3, x.shape, mean, inv_std, var, gamma, count, group_comm, exchange, tag)
+    saved = Saved(x3, x.shape, mean, inv_std, var, gamma, count, group_comm, exchange, tag, exact)
     return y.reshape(x.shape), saved
 
 
 def batch_statistics(x, problem, exchange, eps, context, tag, running_mean=None, running_var=None,
-                     momentum=0.9, nonfinite="raise"):
+                     momentum=0.9, nonfinite="raise", exact=False):
     """Local moments -> the one Allreduce -> the group's (mean, inv_std, count, var)."""
     group_comm = exchange.group
-    count, local = 0, None
-    if problem is None:
-        count, mean, m2 = F.batch_norm_stats(F.as_ncl(x))
-        local = (mean, m2)
-    counts, rows = exchange.exchange(problem, count, local, context, tag)
-    total, mean, m2 = F.merge_stats(counts, rows[:, 0], rows[:, 1])
+    if exact:
+        counts, rows, total, mean, var, unbiased = exact_statistics(x, problem, exchange, context, tag)
+    else:
+        count, local = 0, None
+        if problem is None:
+            # inf - inf is NaN here: no warning, the agreed check below reports it
+            with np.errstate(invalid="ignore"):
+                count, mean, m2 = F.batch_norm_stats(F.as_ncl(x))
+            local = (mean, m2)
+        counts, rows = exchange.exchange(problem, count, local, context, tag)
+        total, mean, m2 = F.merge_stats(counts, rows[:, 0], rows[:, 1])
     if total <= 1:
         raise ValueError(f"{context}: expected more than 1 value per channel in training, got "
                          f"{total} over group ranks {list(group_comm.ranks)} "
                          f"(per-rank counts {counts.astype(int).tolist()})")
     if nonfinite == "raise":
         _check_finite(rows, group_comm, context)
-    var = m2 / total
+    if not exact:
+        var, unbiased = m2 / total, m2 / (total - 1)
     # State changes only now, when every check has passed on every rank.
     if running_mean is not None:
         running_mean[...] = F.running_update(running_mean, mean, momentum)
     if running_var is not None:
-        running_var[...] = F.running_update(running_var, m2 / (total - 1), momentum)
+        running_var[...] = F.running_update(running_var, unbiased, momentum)
     return mean, F.inv_std_from_var(var, eps), total, var
 
 
@@ -140,13 +157,22 @@ def sync_batch_norm_backward(dy, saved, *, exchange=None, training=None):
     if not training:
         local_problem(problem, exchange.group if exchange else None, context)
 
-    sums = None
+    sums = dy3 = xhat = None
+    exact = saved.exact if saved is not None else bool(exchange and exchange.shared_width)
     if problem is None:
         dy3 = F.as_ncl(dy)
-        # xhat = (x - mean) * inv_std is formed block by block from what
-        # forward kept; it never exists in full.
-        sums = F.batch_norm_backward_reduce(dy3, x=saved.x, mean=saved.mean, inv_std=saved.inv_std)
-    if training:
+        if exact:
+            # The exact sums need xhat itself (float64, full size).
+            xhat = (saved.x - saved.mean[:, None]) * saved.inv_std[:, None]
+        else:
+            # xhat = (x - mean) * inv_std is formed block by block from what
+            # forward kept; it never exists in full.
+            sums = F.batch_norm_backward_reduce(dy3, x=saved.x, mean=saved.mean, inv_std=saved.inv_std)
+    if exact:
+        tag = (saved.tag[0] + 1, saved.tag[1]) if saved is not None else (-1, -1)
+        mean_dy, mean_dy_xhat, sums = exact_backward_sums(
+            exchange, problem, dy3, xhat, saved.count if saved else None, training, context, tag)
+    elif training:
         tag = (saved.tag[0] + 1, saved.tag[1]) if saved is not None else (-1, -1)
         _, rows = exchange.exchange(problem, 0, sums, context, tag)
         # Added in rank order on every rank: bitwise the same dx everywhere.
@@ -154,7 +180,8 @@ def sync_batch_norm_backward(dy, saved, *, exchange=None, training=None):
         mean_dy, mean_dy_xhat = group_sum_dy / saved.count, group_sum_dy_xhat / saved.count
     else:
         mean_dy = mean_dy_xhat = np.zeros(saved.x.shape[1])
-    dx = F.batch_norm_backward_elemt(dy3, None, saved.gamma, saved.inv_std, mean_dy, mean_dy_xhat,
+    # xhat is None (formed block by block from x) unless the exact path made it.
+    dx = F.batch_norm_backward_elemt(dy3, xhat, saved.gamma, saved.inv_std, mean_dy, mean_dy_xhat,
                                      out_dtype=saved.x.dtype, x=saved.x, mean=saved.mean)
     saved.used = True
     return dx.reshape(saved.shape), sums[1], sums[0]

@@ -1,0 +1,222 @@
+"""``python -m mpibn golden``: reference files other backends are checked against.
+
+Run on K ranks (``mpiexec -n K``, or the command relaunches itself), it
+writes, for every scenario and rank, the inputs that rank holds and mpibn's
+outputs for them, plus a JSON manifest that spells out the conventions::
+
+    DIR/manifest.json                 format, version, conventions, scenarios
+    DIR/<scenario>/rank<r>.npz        inputs and outputs of rank r
+
+Inputs of a rank (``steps`` = 2 training steps, n_r = the rank's samples)::
+
+    x, dy                 (2, n_r, C[, H, W])  scenario dtype
+    gamma, beta           (C,) float64 (values exact in float16)
+    moving_mean0, moving_var0   (C,) float64 (exact in float32), the moving
+                          statistics before step 0
+
+Outputs (what ``verify`` compares; the manifest lists them per scenario)::
+
+    y, dx                 (2, n_r, C[, H, W])  scenario dtype
+    dgamma, dbeta         (2, C) float64       this rank's share of the gradients
+    batch_mean, batch_var (2, C) float64       group statistics (biased var); only
+                                               where batch statistics are used
+    moving_mean, moving_var (2, C) float64     after each step
+
+Every rank draws the same global batch from the scenario's seed and keeps
+its shard (ranks in rank order), so a single-process backend can rebuild
+each group's concatenated batch from the files alone.
+"""
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+FORMAT = "mpibn-golden"
+FORMAT_VERSION = 1
+STEPS = 2
+INPUT_KEYS = ("x", "dy", "gamma", "beta", "moving_mean0", "moving_var0")
+OUTPUT_KEYS = ("y", "dx", "dgamma", "dbeta", "batch_mean", "batch_var", "moving_mean", "moving_var")
+
+CONVENTIONS = {
+    "layout": "x and dy are (steps, n_r, C) or (steps, n_r, C, H, W): step s of rank r; "
+              "a group's batch for step s is the concatenation of its ranks' x[s] in rank order",
+    "statistics": "per channel over the group's concatenated batch (axes N, H, W); batch_var is the "
+                  "BIASED variance (divide by the count N), used for normalisation: "
+                  "y = gamma * (x - mean) / sqrt(var + eps) + beta",
+    "moving_statistics": "MindSpore convention: moving = momentum * moving + (1 - momentum) * batch_stat, "
+                         "momentum is the weight of the OLD value; the moving variance takes the "
+                         "UNBIASED variance N / (N - 1) * var with N the group's total count",
+    "momentum_in_other_frameworks": {
+        "mindspore": "momentum (same)", "pytorch": "1 - momentum (torch 0.1 == MindSpore 0.9)",
+        "flax": "momentum (weight of old, same; flax's moving variance is biased)",
+        "keras/tensorflow": "momentum (weight of old, same; keras' moving variance is biased)",
+        "paddle": "momentum (weight of old, same)"},
+    "gradients": "dy is the upstream gradient of the loss L = sum over ranks of sum(y_r * dy_r); dx is the "
+                 "exact gradient of L (through the group statistics); dgamma and dbeta are each rank's "
+                 "own share (sum over its samples of dy * xhat and dy): their sum over the group is the "
+                 "gradient of the concatenated batch",
+    "eval": "training=False with use_batch_statistics None (or False): the moving statistics normalise, "
+            "nothing is updated, dx = gamma * dy / sqrt(moving_var + eps); use_batch_statistics=True "
+            "uses and updates batch statistics even in eval mode",
+    "dtypes": "y and dx have the input dtype; everything else is float64. gamma and beta are float64 "
+              "holding values that float16 represents exactly, the initial moving statistics values "
+              "that float32 represents exactly, so a float32 or float16 backend starts from the very "
+              "same parameters",
+    "rank_outside_groups": "a rank in no process group (or a group of one) normalises its own batch alone",
+}
+
+
+@dataclass
+class Scenario:
+    name: str
+    description: str
+    shards: list                     # samples per rank (len = number of ranks)
+    tail: tuple = (3, 4, 4)          # (C,) for 2-D input, (C, H, W) for 4-D
+    dtype: str = "float32"
+    process_groups: list = None
+    offset: float = 3.0
+    scale: float = 2.0
+    eps: float = 1e-5
+    momentum: float = 0.9
+    training: bool = True
+    use_batch_statistics: bool = None
+    exact: bool = True
+    seed: int = 0
+    groups_of_rank: list = field(default_factory=list)
+
+    def uses_batch_statistics(self):
+        return self.training if self.use_batch_statistics is None else self.use_batch_statistics
+
+    def outputs(self):
+        keys = list(OUTPUT_KEYS)
+        if not self.uses_batch_statistics():
+            keys.remove("batch_mean")
+            keys.remove("batch_var")
+        return keys
+
+
+def scenarios(size, dtype="float32", exact=True):
+    """The standard scenarios for ``size`` ranks (dict name -> Scenario)."""
+    even = [3] * size
+    uneven = [1 + 2 * r for r in range(size)]
+    empty = [0 if r == 1 else 3 for r in range(size)] if size > 1 else [3]
+    outside = [list(range(size - 1))] if size > 2 else None
+    listed = [
+        Scenario("even", "every rank holds 3 samples of (3, 4, 4)", even),
+        Scenario("uneven", "rank r holds 1 + 2r samples", uneven),
+        Scenario("empty_rank", "rank 1 holds no sample at all", empty),
+        Scenario("groups_rank_outside", "process_groups [[0 .. K-2]]: the last rank is in no group "
+                 "and normalises alone", uneven, process_groups=outside),
+        Scenario("two_d", "2-D input (N, C), uneven shards", [2 + r for r in range(size)], tail=(5,)),
+        Scenario("float32_offset", "float32 data with |mean|/std = 1e5 (mean 1e5, std 1)", even,
+                 dtype="float32", offset=1e5, scale=1.0),
+        Scenario("float16", "float16 data, mean 8, std 2", uneven, dtype="float16", offset=8.0),
+        Scenario("momentum", "momentum 0.7 (PyTorch 0.3) and eps 1e-3", uneven, momentum=0.7, eps=1e-3),
+        Scenario("eval", "eval mode: moving statistics normalise, nothing is communicated or updated",
+                 uneven, training=False),
+        Scenario("eval_batch_statistics", "eval mode with use_batch_statistics=True: batch statistics "
+                 "are used and the moving ones updated", uneven, training=False, use_batch_statistics=True),
+    ]
+    out = {}
+    for i, s in enumerate(listed):
+        if s.dtype == "float32" and s.name not in ("float32_offset",):
+            s.dtype = dtype
+        s.exact, s.seed = exact, 1000 + i
+        members = [g for g in (s.process_groups or [list(range(size))])]
+        s.groups_of_rank = [next((g for g in members if r in g), [r]) for r in range(size)]
+        out[s.name] = s
+    return out
+
+
+def _exact_in(values, dtype):
+    return np.asarray(values, dtype).astype(np.float64)
+
+
+def inputs(s, rank):
+    """The scenario's inputs for ``rank`` (the same global draw on every rank)."""
+    rng = np.random.default_rng(s.seed)
+    total = sum(s.shards)
+    shape = (STEPS, total) + tuple(s.tail)
+    x = (s.offset + s.scale * rng.standard_normal(shape)).astype(s.dtype)
+    dy = rng.standard_normal(shape).astype(s.dtype)
+    channels = s.tail[0]
+    start = sum(s.shards[:rank])
+    sl = slice(start, start + s.shards[rank])
+    return {"x": x[:, sl], "dy": dy[:, sl],
+            "gamma": _exact_in(rng.uniform(0.5, 1.5, channels), np.float16),
+            "beta": _exact_in(rng.uniform(-0.5, 0.5, channels), np.float16),
+            "moving_mean0": _exact_in(s.offset + rng.uniform(-1, 1, channels), np.float32),
+            "moving_var0": _exact_in(rng.uniform(0.5, 2.0, channels) * s.scale ** 2, np.float32)}
+
+
+def run_scenario(comm, s):
+    """This rank's inputs and mpibn's outputs for scenario ``s`` (collective over comm)."""
+    from .layer import SyncBatchNorm
+
+    data = inputs(s, comm.Get_rank())
+    channels = s.tail[0]
+    bn = SyncBatchNorm(channels, eps=s.eps, momentum=s.momentum, gamma_init=data["gamma"],
+                       beta_init=data["beta"], moving_mean_init=data["moving_mean0"],
+                       moving_var_init=data["moving_var0"], use_batch_statistics=s.use_batch_statistics,
+                       process_groups=s.process_groups, dtype=np.float64, comm=comm, exact=s.exact)
+    bn.set_train(s.training)
+    out = {k: [] for k in s.outputs()}
+    try:
+        for step in range(STEPS):
+            out["y"].append(bn(data["x"][step]))
+            out["dx"].append(bn.backward(data["dy"][step]))
+            out["dgamma"].append(bn.gamma.grad.copy())
+            out["dbeta"].append(bn.beta.grad.copy())
+            if "batch_mean" in out:
+                out["batch_mean"].append(bn.batch_mean.copy())
+                out["batch_var"].append(bn.batch_var.copy())
+            out["moving_mean"].append(bn.moving_mean.data.copy())
+            out["moving_var"].append(bn.moving_variance.data.copy())
+    finally:
+        bn.close()
+    data.update({k: np.stack(v) for k, v in out.items()})
+    return data
+
+
+def manifest(size, chosen, dtype, exact):
+    from . import __version__
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "mpibn_version": __version__,
+        "ranks": size, "steps": STEPS, "default_dtype": dtype,
+        "statistics_mode": "exact (correctly rounded mean/var)" if exact else "default",
+        "input_keys": list(INPUT_KEYS), "conventions": CONVENTIONS,
+        "scenarios": {name: dict(asdict(s), tail=list(s.tail), outputs=s.outputs(),
+                                 files=[f"{name}/rank{r}.npz" for r in range(size)])
+                      for name, s in chosen.items()},
+    }
+
+
+def run(args, comm=None):
+    """Entry point under mpiexec: every rank writes its files, rank 0 the manifest.
+
+    ``args``: out, scenarios (comma-separated or None), dtype, no_exact.
+    ``comm`` defaults to MPI.COMM_WORLD (collective over it).
+    """
+    if comm is None:
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    table = scenarios(size, args.dtype, exact=not args.no_exact)
+    names = args.scenarios.split(",") if args.scenarios else list(table)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        if rank == 0:
+            print(f"mpibn golden: unknown scenario(s) {unknown}; known: {', '.join(table)}")
+        return 2
+    chosen = {n: table[n] for n in names}
+    for name, s in chosen.items():
+        data = run_scenario(comm, s)
+        os.makedirs(os.path.join(args.out, name), exist_ok=True)
+        np.savez(os.path.join(args.out, name, f"rank{rank}.npz"), **data)
+    comm.Barrier()
+    if rank == 0:
+        with open(os.path.join(args.out, "manifest.json"), "w") as f:
+            json.dump(manifest(size, chosen, args.dtype, not args.no_exact), f, indent=2)
+        print(f"mpibn golden: {len(chosen)} scenarios x {size} ranks written to {args.out}")
+    return 0

@@ -1,0 +1,174 @@
+"""``python -m mpibn verify GOLDEN RESULTS``: compare another backend with mpibn.
+
+RESULTS has the golden layout (``RESULTS/<scenario>/rank<r>.npz``) with the
+output keys the manifest lists for each scenario (``y``, ``dx``, ``dgamma``,
+...; inputs are not needed). For every scenario and quantity, over all
+ranks, it prints::
+
+    max abs   max |r - e|
+    max rel   max |r - e| / max |e|        (normwise: elementwise relative
+                                            error means nothing where e = 0)
+    max ulps  distance in units in the last place of the RESULT's dtype,
+              after rounding mpibn's value to that dtype
+    pass      max abs <= atol + rtol * max |e|   (and max ulps <= --max-ulps if given)
+
+rtol defaults to 32 eps of the result's dtype (float16 9.8e-4, float32
+1.2e-7, float64 2.2e-16 before the factor). NaN in both places counts as
+equal. Exit status: 0 all pass, 1 some quantity fails, 2 unusable input (a
+missing or malformed file or key, named in the message).
+"""
+import json
+import os
+import zipfile
+
+import numpy as np
+
+from .golden import FORMAT, FORMAT_VERSION
+
+__all__ = ["VerifyError", "load_manifest", "load_npz", "compare", "verify", "format_table"]
+
+
+class VerifyError(Exception):
+    """A golden or results file (or key) is missing or malformed."""
+
+
+def load_manifest(golden):
+    path = os.path.join(golden, "manifest.json")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise VerifyError(f"{path}: no such file (is {golden!r} a directory written by "
+                          f"'python -m mpibn golden'?)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise VerifyError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise VerifyError(f"{path}: key 'format' must be {FORMAT!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise VerifyError(f"{path}: key 'format_version' is {manifest.get('format_version')!r}; "
+                          f"this mpibn reads version {FORMAT_VERSION}")
+    for key in ("ranks", "scenarios"):
+        if key not in manifest:
+            raise VerifyError(f"{path}: missing key {key!r}")
+    return manifest
+
+
+def load_npz(path, keys, missing_ok=False):
+    """{key: array} for ``keys`` from an .npz file; VerifyError naming file and key."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            found = {k: npz[k] for k in keys if k in npz.files}
+    except FileNotFoundError:
+        raise VerifyError(f"{path}: no such file") from None
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise VerifyError(f"{path}: not a readable .npz file ({exc})") from None
+    for k in keys:
+        if k not in found and not missing_ok:
+            raise VerifyError(f"{path}: missing key {k!r}")
+    return found
+
+
+def _ulps(a, b):
+    """Elementwise ulp distance between arrays of one float dtype (int64)."""
+    itype = {2: np.int16, 4: np.int32, 8: np.int64}[a.dtype.itemsize]
+    top = np.int64(1) << (8 * a.dtype.itemsize - 1)
+    ia, ib = a.view(itype).astype(np.int64), b.view(itype).astype(np.int64)
+    ia = np.where(ia < 0, -(ia + top), ia)       # sign-magnitude -> monotone line
+    ib = np.where(ib < 0, -(ib + top), ib)
+    return np.abs(ia - ib)
+
+
+def compare(expected, result):
+    """(max_abs, max_abs_expected, max_ulps) of result against expected, NaN==NaN."""
+    rdtype = result.dtype if result.dtype.kind == "f" else np.dtype(np.float64)
+    e64, r64 = expected.astype(np.float64), result.astype(np.float64)
+    both_nan = np.isnan(e64) & np.isnan(r64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = np.where(both_nan | (e64 == r64), 0.0, np.abs(r64 - e64))
+    diff = np.where(np.isnan(diff), np.inf, diff)
+    scale = np.abs(np.where(np.isfinite(e64), e64, 0.0)).max(initial=0.0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        ulps = _ulps(expected.astype(rdtype), result.astype(rdtype))
+    ulps = np.where(both_nan, 0, ulps)
+    return float(diff.max(initial=0.0)), float(scale), int(ulps.max(initial=0)), rdtype
+
+
+def verify(golden, results, scenarios=None, quantities=None, rtol=None, atol=0.0, max_ulps=None,
+           skip_missing=False):
+    """Rows [scenario, quantity, dtype, max_abs, max_rel, max_ulps, status] and overall ok."""
+    manifest = load_manifest(golden)
+    table = manifest["scenarios"]
+    names = scenarios or list(table)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise VerifyError(f"{os.path.join(golden, 'manifest.json')}: no scenario(s) {unknown}; "
+                          f"it has {list(table)}")
+    rows, ok = [], True
+    for name in names:
+        keys = [q for q in table[name]["outputs"] if quantities is None or q in quantities]
+        worst = {k: [0.0, 0.0, 0, None, False] for k in keys}     # abs, scale, ulps, dtype, seen
+        if skip_missing and not os.path.isdir(os.path.join(results, name)):
+            rows += [[name, k, "-", None, None, None, "missing"] for k in keys]
+            continue
+        for rank in range(manifest["ranks"]):
+            rel = os.path.join(name, f"rank{rank}.npz")
+            exp = load_npz(os.path.join(golden, rel), keys)
+            res = load_npz(os.path.join(results, rel), keys, missing_ok=skip_missing)
+            for k in res:
+                if res[k].shape != exp[k].shape:
+                    raise VerifyError(f"{os.path.join(results, rel)}: key {k!r} has shape {res[k].shape}, "
+                                      f"expected {exp[k].shape}")
+                if res[k].dtype.kind not in "fiu":
+                    raise VerifyError(f"{os.path.join(results, rel)}: key {k!r} has dtype {res[k].dtype}, "
+                                      f"expected a number type")
+                d, s, u, dt = compare(exp[k], res[k])
+                w = worst[k]
+                w[0], w[1], w[2], w[3], w[4] = max(w[0], d), max(w[1], s), max(w[2], u), dt, True
+        for k in keys:
+            d, s, u, dt, seen = worst[k]
+            if not seen:
+                rows.append([name, k, "-", None, None, None, "missing"])
+                continue
+            tol = (32 * np.finfo(dt).eps if rtol is None else rtol) * s + atol
+            passed = d <= tol and (max_ulps is None or u <= max_ulps)
+            ok &= passed
+            rows.append([name, k, np.dtype(dt).name, d, d / s if s > 0 else d, u,
+                         "pass" if passed else "FAIL"])
+    return rows, ok
+
+
+def format_table(rows, markdown=False):
+    head = ["scenario", "quantity", "dtype", "max abs", "max rel", "max ulps", "result"]
+
+    def cell(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.2e}"
+        return str(v)
+
+    body = [[cell(v) for v in row] for row in rows]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(head)]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    lines = [fmt.format(*head), fmt.format(*["-" * w for w in widths])] + [fmt.format(*r) for r in body]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def run(args):
+    """CLI entry (no MPI needed): print the table, return the exit status."""
+    try:
+        rows, ok = verify(args.golden, args.results,
+                          scenarios=args.scenarios.split(",") if args.scenarios else None,
+                          quantities=args.quantities.split(",") if args.quantities else None,
+                          rtol=args.rtol, atol=args.atol, max_ulps=args.max_ulps,
+                          skip_missing=args.skip_missing)
+    except VerifyError as exc:
+        print(f"mpibn verify: {exc}")
+        return 2
+    print(format_table(rows, markdown=args.markdown))
+    failed = sum(r[-1] == "FAIL" for r in rows)
+    print(f"\n{len(rows) - failed} of {len(rows)} quantities pass" + ("" if ok else f"; {failed} FAIL"))
+    return 0 if ok else 1
