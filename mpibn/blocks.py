@@ -136,14 +136,16 @@ def _visit(groups, full, vectors, k, body):
     size = full[0] * full[1] * full[2]
     bufs = [np.empty(size) for _ in range(k)]
     wide = [np.empty(full) for _ in vectors] if full[1] > 1 else []
+    # Lists, not tuples: tuples made per block would pile up on CPython's
+    # tuple free list, which a memory soak test sees as growth.
     views = {}      # block shape -> (expanded, scratch) views, made once per shape
     for c, members in groups:
         if c.stop - c.start == 1:                   # one channel: scalars will do
-            scalars = tuple(v[c.start] for v in vectors)
+            scalars = [v[c.start] for v in vectors]
             for b in members:
                 view = views.get(b.shape)
                 if view is None:
-                    view = views[b.shape] = tuple(buf[:b.count].reshape(b.shape) for buf in bufs)
+                    view = views[b.shape] = [buf[:b.count].reshape(b.shape) for buf in bufs]
                 body(b, scalars, view)
             continue
         for w, v in zip(wide, vectors):
@@ -152,8 +154,8 @@ def _visit(groups, full, vectors, k, body):
             view = views.get(b.shape)
             if view is None:
                 nb, cb, lb = b.shape
-                view = views[b.shape] = (tuple(w[:nb, :cb, :lb] for w in wide),
-                                         tuple(buf[:nb * cb * lb].reshape(b.shape) for buf in bufs))
+                view = views[b.shape] = ([w[:nb, :cb, :lb] for w in wide],
+                                         [buf[:nb * cb * lb].reshape(b.shape) for buf in bufs])
             body(b, *view)
 
 

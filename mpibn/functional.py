@@ -120,7 +120,7 @@ def batch_norm_stats(x):
 
     def block(b, vectors, scratch):
         (k,), (d,) = vectors, scratch
-        np.copyto(d, x[b.index])                    # float64 copy of the block
+        d[...] = x[b.index]                         # float64 copy of the block
         d -= k                                      # d = x - K
         d_sum[b.c] += blocks.sums(d)
         d_sq[b.c] += blocks.dots(d, d)
@@ -191,12 +191,12 @@ def batch_norm_elemt(x, mean, inv_std, gamma, beta, out_dtype=None, out=None):
 
     def block(b, vectors, scratch):
         (m, s, be), d = vectors, y[b.index] if direct else scratch[0]
-        np.copyto(d, x[b.index])            # float64
+        d[...] = x[b.index]                 # float64
         d -= m                              # x - mean
         d *= s
         d += be
         if not direct:
-            np.copyto(y[b.index], d, casting="same_kind")
+            y[b.index] = d                  # rounded once
     blocks.each(x, (mean, scale, beta), 0 if direct else 1, block)
     return y
 
@@ -229,8 +229,8 @@ def batch_norm_backward_reduce(dy, xhat=None, *, x=None, mean=None, inv_std=None
 
     def block(b, vectors, scratch):
         g, h = scratch
-        np.copyto(g, dy[b.index])                   # float64 dy
-        np.copyto(h, src[b.index])
+        g[...] = dy[b.index]                        # float64 dy
+        h[...] = src[b.index]
         if vectors:
             h -= vectors[0]                         # x - mean
         sum_dy[b.c] += blocks.sums(g)
@@ -274,14 +274,14 @@ def batch_norm_backward_elemt(dy, xhat, gamma, inv_std, mean_dy, mean_dy_xhat,
 
     def block(b, vectors, scratch):
         (m, cf, mdy, k), (t, h) = vectors, scratch
-        np.copyto(t, dy[b.index])
+        t[...] = dy[b.index]
         t -= mdy                                    # dy - mean_dy
-        np.copyto(h, src[b.index])
+        h[...] = src[b.index]
         h -= m
         h *= cf                                     # xhat * mean_dy_xhat
         t -= h
         t *= k
-        np.copyto(dx[b.index], t, casting="same_kind")
+        dx[b.index] = t                             # rounded once
     blocks.each(dy, (mean, coef, mean_dy, scale), 2, block)
     return dx
 
