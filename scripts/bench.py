@@ -176,9 +176,6 @@ def bench_shape(shape, dtype, label):
     cands = {"mpibn": step,
              "copy": lambda: np.copyto(out, x),
              "naive": lambda: naive_backward(dy, naive_forward(x, gamma, beta)[1])}
-    if has_exact():
-        ex = layer(channels, dtype, exact=True)
-        cands["mpibn_exact"] = lambda: (ex(x), ex.backward(dy))
     if torch is not None:
         try:
             xt = torch.from_numpy(x).requires_grad_()
@@ -190,6 +187,12 @@ def bench_shape(shape, dtype, label):
             print(f"\n  torch skipped for {label}: {str(e).splitlines()[0]}", file=sys.stderr)
     progress(f"{label}: timing {', '.join(cands)} ...")
     t = interleaved(cands, ARGS.repeats, ARGS.warmup)
+    if has_exact():     # slow (exact sums): a few repeats of its own, not interleaved
+        progress(f"{label}: timing exact=True ...")
+        ex = layer(channels, dtype, exact=True)
+        t["mpibn_exact"] = interleaved({"exact": lambda: (ex(x), ex.backward(dy))},
+                                       min(3, ARGS.repeats), 1)["exact"]
+        ex.close()
     # forward and backward apart, from the same interleaved runs (warm-up dropped)
     t["mpibn_fwd"], t["mpibn_bwd"] = (float(np.median(split[k][ARGS.warmup:])) for k in ("fwd", "bwd"))
     progress(f"{label}: peak temporary memory ...")
