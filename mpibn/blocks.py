@@ -18,8 +18,6 @@ that the scratch stays below the input's size)::
     N * L >= B / 4  (nb, 1, L)   one channel, about B // L samples
     otherwise       (nb, cb, L)  several channels, nb * cb * L <= B
 
-In the last case cb is rounded so that the channel blocks come in
-multiples of 4 (threads take whole channel blocks).
 
 ``each`` visits the blocks channel block by channel block. Per-channel
 vectors (mean, scale, ...) become plain scalars for a one-channel block;
@@ -32,12 +30,11 @@ shared by every block of those channels.
 and position axes; for long rows they use ``np.vecdot`` (one BLAS dot per
 row, several times faster than ``einsum``).
 """
-import os
 from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["BLOCK", "THREADS", "Block", "each", "set_threads", "sums", "dots"]
+__all__ = ["BLOCK", "Block", "each", "sums", "dots"]
 
 # 2**15 float64 values = 256 KiB per buffer, so that a block's scratch
 # and expanded vectors stay in a 1-2 MiB L2 cache. Tests set it tiny to
@@ -49,8 +46,6 @@ BLOCK = 1 << 15
 _VECDOT_MIN = 64
 
 _vecdot = getattr(np, "vecdot", None)      # NumPy >= 2.0
-
-THREADS = int(os.environ.get("MPIBN_THREADS", "1"))
 
 
 class Block:
@@ -77,12 +72,6 @@ def _sizes(shape, block):
         chunks = -(-num // max(1, block // length))
         return -(-num // chunks), 1, length
     cb = channels if channels * length <= block else max(1, block // length)
-    # Threads take whole channel blocks: make their number a multiple of 4
-    # (when there are enough channels) so that with 1, 2 or 4 threads none
-    # idles at the end. The plan never depends on the thread count, so
-    # neither do the sums.
-    groups = -(-channels // cb)
-    cb = -(-channels // min(channels, -(-groups // 4) * 4))
     nb = max(1, min(num, block // (cb * length)))
     return nb, cb, length
 
@@ -110,29 +99,14 @@ def _block(x):
 def each(x, vectors, k, body):
     """Call ``body(block, expanded, scratch)`` for every block of a (N, C, L) array x.
 
-    ``expanded`` holds each (C,) vector of ``vectors`` as float64 broadcast
-    to the block's shape (a real array, not a stride-0 view), ``scratch`` k
+    ``expanded`` holds each (C,) vector of ``vectors`` for the block's
+    channels: a float64 scalar for a one-channel block, else an array of
+    the block's shape (a real array, not a stride-0 view); ``scratch`` k
     float64 buffers of the block's shape; both belong to the call only.
-
-    With ``THREADS`` > 1 the channel blocks are dealt to that many threads
-    (NumPy releases the GIL inside each operation). A channel's blocks are
-    always visited by one thread in the same order, so per-channel sums
-    are bitwise the same for every thread count; ``body`` must only write
-    to the block's own elements and channels.
+    Blocks come in a fixed order, so per-channel sums are reproducible.
     """
     groups, full = _plan(x.shape, _block(x))
     vectors = [np.asarray(v, np.float64) for v in vectors]
-    if THREADS == 1 or len(groups) == 1:
-        return _visit(groups, full, vectors, k, body)
-    pool = _pool()
-    futures = [pool.submit(_visit, groups[i::THREADS], full, vectors, k, body)
-               for i in range(1, THREADS)]
-    _visit(groups[0::THREADS], full, vectors, k, body)
-    for f in futures:
-        f.result()
-
-
-def _visit(groups, full, vectors, k, body):
     size = full[0] * full[1] * full[2]
     bufs = [np.empty(size) for _ in range(k)]
     wide = [np.empty(full) for _ in vectors] if full[1] > 1 else []
@@ -157,26 +131,6 @@ def _visit(groups, full, vectors, k, body):
                 view = views[b.shape] = ([w[:nb, :cb, :lb] for w in wide],
                                          [buf[:nb * cb * lb].reshape(b.shape) for buf in bufs])
             body(b, *view)
-
-
-_POOL = None
-
-
-def _pool():
-    global _POOL
-    if _POOL is None or _POOL._max_workers < THREADS - 1:
-        from concurrent.futures import ThreadPoolExecutor
-        _POOL = ThreadPoolExecutor(max_workers=THREADS - 1, thread_name_prefix="mpibn")
-    return _POOL
-
-
-def set_threads(n):
-    """Threads for the block loops (default 1, or $MPIBN_THREADS). Under
-    mpiexec keep ranks x threads within the cores."""
-    global THREADS
-    if isinstance(n, bool) or int(n) != n or n < 1:
-        raise ValueError(f"threads must be an int >= 1, got {n!r}")
-    THREADS = int(n)
 
 
 _ONES = np.ones(0)

@@ -12,7 +12,8 @@ them alike), after warm-up, the median of ``--repeats`` runs of:
 * mpibn: ``SyncBatchNorm`` forward, backward and both (training);
   ``exact=True`` too when the layer has that option;
 * torch: CPU ``F.batch_norm`` (training) forward+backward, when torch is
-  installed, with the same thread count;
+  installed, with ``--threads`` threads (default 1, as NumPy's element-wise
+  work: the like-for-like comparison);
 * naive: a straightforward NumPy batch norm as a student would write it
   (in the input dtype, xhat kept for backward; ``naive_forward`` below);
 * copy: ``np.copyto`` of the input into a preallocated array;
@@ -47,7 +48,8 @@ def parse(argv):
                    help="rank counts to relaunch under mpiexec (none: single process only)")
     p.add_argument("--repeats", type=int, default=15, help="timed repeats per candidate (median)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1, help="threads for mpibn, torch and BLAS alike")
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads for torch and BLAS (mpibn's element-wise NumPy work is single-threaded)")
     p.add_argument("--quick", action="store_true", help="3 repeats, 1 warm-up")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, no MPI, no torch: checks the script")
     p.add_argument("--out", default=None, help="folder for performance.json / performance.png (docs/)")
@@ -62,7 +64,7 @@ def parse(argv):
 
 ARGS = parse(sys.argv[1:])
 # Thread counts must be fixed before NumPy, BLAS or torch start their pools.
-for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "MPIBN_THREADS"):
+for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[var] = str(ARGS.threads)
 
 import numpy as np                      # noqa: E402

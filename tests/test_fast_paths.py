@@ -142,21 +142,6 @@ def test_empty_shard(block, dtype):
     assert dx.shape == x.shape and dx.dtype == dtype
 
 
-@pytest.mark.parametrize("shape", [(6, 9, 40), (40, 9)])      # one-channel and many-channel blocks
-def test_results_do_not_depend_on_the_thread_count(monkeypatch, shape):
-    monkeypatch.setattr(blocks, "BLOCK", 50)
-    x, dy, gamma, beta = data(shape, np.float32, offset=1.0, seed=4)
-    runs = []
-    for threads in (1, 2, 3):
-        monkeypatch.setattr(blocks, "THREADS", threads)
-        runs.append(fast(x, dy, gamma, beta))
-    for run in runs[1:]:
-        for a, b in zip(runs[0], run):
-            assert np.array_equal(a, b)
-    with pytest.raises(ValueError, match="threads must be an int >= 1"):
-        blocks.set_threads(0)
-
-
 @pytest.mark.parametrize("shape", [(7, 5), (3, 4, 6, 5)])
 def test_layer_2d_and_4d_against_textbook(block, shape):
     x, dy, _, _ = data(shape, np.float32, offset=1.5, seed=5)
