@@ -120,8 +120,7 @@ def batch_norm_stats(x):
 
     def block(b, vectors, scratch):
         (k,), (d,) = vectors, scratch
-        d[...] = x[b.index]                         # float64 copy of the block
-        d -= k                                      # d = x - K
+        np.subtract(x[b.index], k, out=d)           # d = x - K, in float64 (cast on the fly)
         d_sum[b.c] += blocks.sums(d)
         d_sq[b.c] += blocks.dots(d, d)
     blocks.each(x, (shift,), 1, block)
@@ -191,8 +190,7 @@ def batch_norm_elemt(x, mean, inv_std, gamma, beta, out_dtype=None, out=None):
 
     def block(b, vectors, scratch):
         (m, s, be), d = vectors, y[b.index] if direct else scratch[0]
-        d[...] = x[b.index]                 # float64
-        d -= m                              # x - mean
+        np.subtract(x[b.index], m, out=d)   # x - mean, in float64
         d *= s
         d += be
         if not direct:
@@ -230,9 +228,10 @@ def batch_norm_backward_reduce(dy, xhat=None, *, x=None, mean=None, inv_std=None
     def block(b, vectors, scratch):
         g, h = scratch
         g[...] = dy[b.index]                        # float64 dy
-        h[...] = src[b.index]
         if vectors:
-            h -= vectors[0]                         # x - mean
+            np.subtract(src[b.index], vectors[0], out=h)    # x - mean, in float64
+        else:
+            h[...] = src[b.index]
         sum_dy[b.c] += blocks.sums(g)
         sum_dy_xhat[b.c] += blocks.dots(g, h)
     blocks.each(dy, () if mean is None else (mean,), 2, block)
@@ -274,10 +273,8 @@ def batch_norm_backward_elemt(dy, xhat, gamma, inv_std, mean_dy, mean_dy_xhat,
 
     def block(b, vectors, scratch):
         (m, cf, mdy, k), (t, h) = vectors, scratch
-        t[...] = dy[b.index]
-        t -= mdy                                    # dy - mean_dy
-        h[...] = src[b.index]
-        h -= m
+        np.subtract(dy[b.index], mdy, out=t)        # dy - mean_dy, in float64
+        np.subtract(src[b.index], m, out=h)
         h *= cf                                     # xhat * mean_dy_xhat
         t -= h
         t *= k
