@@ -87,7 +87,9 @@ def sync_batch_norm(x, gamma, beta, *, group_comm, eps=1e-5, training=True, runn
         inv_std = F.inv_std_from_var(running_var, eps)
         count = var = None
     x3 = F.as_ncl(x)
-    y = F.batch_norm_elemt(x3, mean, inv_std, gamma, beta)
+    # With nonfinite='propagate', Inf - Inf = NaN is the asked-for result, not news.
+    with np.errstate(invalid="ignore" if nonfinite == "propagate" else "warn"):
+        y = F.batch_norm_elemt(x3, mean, inv_std, gamma, beta)
     saved = Saved(x3, x.shape, mean, inv_std, var, gamma, count, group_comm, exchange, tag, exact)
     return y.reshape(x.shape), saved
 
