@@ -7,25 +7,20 @@ layer's (P, 2C + 12) buffer against one Allreduce of L such buffers, and
 sets that next to the compute of one SyncBatchNorm forward+backward on a
 small activation, so the saving can be judged as a share of a step.
 """
-import time
 
 import numpy as np
 from mpi4py import MPI
 
 from mpibn import SyncBatchNorm
 
+import mpi_timing  # scripts/mpi_timing.py, beside this file
+
 comm = MPI.COMM_WORLD
 P = comm.Get_size()
 
 
 def median_time(fn, repeats=50):
-    times = []
-    for _ in range(repeats):
-        comm.Barrier()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(comm.allgather(np.median(times))))
+    return mpi_timing.median_time(comm, fn, repeats)
 
 
 rows = []

@@ -7,12 +7,13 @@ backward of SyncBatchNorm with the default statistics and with exact=True
 on the same ranks in the same run (median of the ranks' medians), and
 prints the numbers each Allreduce carries.
 """
-import time
 
 import numpy as np
 from mpi4py import MPI
 
 from mpibn import SyncBatchNorm
+
+import mpi_timing  # scripts/mpi_timing.py, beside this file
 from mpibn.exact import SHARED_WIDTH
 
 comm = MPI.COMM_WORLD
@@ -20,13 +21,7 @@ P = comm.Get_size()
 
 
 def median_time(fn, repeats=7):
-    times = []
-    for _ in range(repeats):
-        comm.Barrier()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(comm.allgather(np.median(times))))
+    return mpi_timing.median_time(comm, fn, repeats)
 
 
 rows = []
