@@ -120,7 +120,8 @@ def batch_norm_stats(x):
 
     def block(b, vectors, scratch):
         (k,), (d,) = vectors, scratch
-        np.subtract(x[b.index], k, out=d)           # d = x - K, in float64 (cast on the fly)
+        d[...] = x[b.index]                         # float64 copy of the block
+        d -= k                                      # d = x - K
         d_sum[b.c] += blocks.sums(d)
         d_sq[b.c] += blocks.dots(d, d)
     blocks.each(x, (shift,), 1, block)
@@ -190,7 +191,8 @@ def batch_norm_elemt(x, mean, inv_std, gamma, beta, out_dtype=None, out=None):
 
     def block(b, vectors, scratch):
         (m, s, be), d = vectors, y[b.index] if direct else scratch[0]
-        np.subtract(x[b.index], m, out=d)   # x - mean, in float64
+        d[...] = x[b.index]                 # float64
+        d -= m                              # x - mean
         d *= s
         d += be
         if not direct:
@@ -228,10 +230,9 @@ def batch_norm_backward_reduce(dy, xhat=None, *, x=None, mean=None, inv_std=None
     def block(b, vectors, scratch):
         g, h = scratch
         g[...] = dy[b.index]                        # float64 dy
+        h[...] = src[b.index]
         if vectors:
-            np.subtract(src[b.index], vectors[0], out=h)    # x - mean, in float64
-        else:
-            h[...] = src[b.index]
+            h -= vectors[0]                         # x - mean
         sum_dy[b.c] += blocks.sums(g)
         sum_dy_xhat[b.c] += blocks.dots(g, h)
     blocks.each(dy, () if mean is None else (mean,), 2, block)
@@ -273,8 +274,10 @@ def batch_norm_backward_elemt(dy, xhat, gamma, inv_std, mean_dy, mean_dy_xhat,
 
     def block(b, vectors, scratch):
         (m, cf, mdy, k), (t, h) = vectors, scratch
-        np.subtract(dy[b.index], mdy, out=t)        # dy - mean_dy, in float64
-        np.subtract(src[b.index], m, out=h)
+        t[...] = dy[b.index]
+        t -= mdy                                    # dy - mean_dy
+        h[...] = src[b.index]
+        h -= m
         h *= cf                                     # xhat * mean_dy_xhat
         t -= h
         t *= k
