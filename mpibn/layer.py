@@ -142,7 +142,7 @@ class SyncBatchNorm:
     def agreed_fields(self):
         """{field: plain comparable value} for the construction agreement."""
         canon = {"dtype": lambda d: np.dtype(d).name,
-                 "process_groups": lambda g: validate_process_groups(g, self.comm.Get_size()),
+                 "process_groups": lambda g: self._canonical_groups,
                  "use_batch_statistics": lambda u: None if u is None else bool(u),
                  # the group-wide environment switch counts too (see mpibn.comm)
                  "debug_timeout": lambda t: t if t is not None else os.environ.get("MPIBN_DEBUG_TIMEOUT")}
@@ -177,7 +177,7 @@ class SyncBatchNorm:
         if debug_timeout is not None and not (isinstance(debug_timeout, numbers.Real) and debug_timeout > 0):
             raise ValueError(f"debug_timeout must be a number of seconds > 0 or None, got {debug_timeout!r}")
         self.debug_timeout = None if debug_timeout is None else float(debug_timeout)
-        validate_process_groups(process_groups, self.comm.Get_size())
+        self._canonical_groups = validate_process_groups(process_groups, self.comm.Get_size())
 
     # -- MindSpore-style surface --------------------------------------------------------
 
