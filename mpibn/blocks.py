@@ -1,45 +1,61 @@
-"""Cache-sized blocks for the math room (NumPy only, no formulas here).
+"""Block plans for the math room (NumPy only, no formulas here).
 
 The functions of ``mpibn.functional`` work on a (N, C, L) view and must
-compute in float64 whatever the input dtype. Converting a whole float32
-activation to float64 would double its memory and stream it through main
-memory once per operation; instead each function walks the array in
-*blocks* of about ``BLOCK`` values: one block is converted to float64 in a
-small scratch buffer that stays in the CPU cache, the formula is applied
-there, and the result is written out (or its per-channel sums kept) before
-the next block is read. The loop runs over blocks; it is never a loop
-over single channels or elements (unless one channel of one sample is
-itself bigger than a block), and every block is handed whole to NumPy.
+compute in float64 whatever the input dtype. Each of them hands ``each``
+its formula as a body that works on one *block*: the block is converted to
+float64 in a scratch buffer, the formula is applied there, and the result
+is written out (or its per-channel sums kept). ``each`` chooses the plan
+from the array's size:
 
-Block shapes (nb, cb, lb), with B = BLOCK (smaller for small arrays, so
-that the scratch stays below the input's size)::
+* **whole** (x.size <= WHOLE): the array is one block, per-channel vectors
+  are (C, 1) columns that NumPy broadcasts. One NumPy call per step of the
+  formula and no Python loop at all: on small arrays the cost of a call
+  (about 1 us) is what counts, not the values.
+* **blocked** (bigger arrays): blocks of about ``BLOCK`` values, so that
+  the float64 scratch stays in the CPU cache and no full-size float64
+  temporary exists (a float32 activation of 8 MiB or more must not grow
+  by more than its own size during a pass). The loop runs over blocks; it
+  is never a loop over single channels or elements (unless one channel of
+  one sample is itself bigger than a block), and every block is handed
+  whole to NumPy.
+
+Block shapes of the blocked plan (nb, cb, lb), with B = BLOCK::
 
     L > B           (1, 1, lb)   lb = B positions of one channel
     N * L >= B / 4  (nb, 1, L)   one channel, about B // L samples
     otherwise       (nb, cb, L)  several channels, nb * cb * L <= B
 
-
-``each`` visits the blocks channel block by channel block. Per-channel
-vectors (mean, scale, ...) become plain scalars for a one-channel block;
-for a block of several channels they are expanded once per channel block
-to the block's full shape: NumPy adds two same-shape arrays about twice as
-fast as it broadcasts a (cb, 1) column over a block, and the expansion is
-shared by every block of those channels.
+Per-channel vectors (mean, scale, ...) become plain scalars for a
+one-channel block; for a block of several channels they are expanded once
+per channel block to the block's full shape: NumPy adds two same-shape
+arrays about three times as fast as it broadcasts a (cb, 1) column over a
+block, and the expansion is shared by every block of those channels. (The
+whole plan broadcasts instead: each vector is used once per call there, and
+an expansion would cost as much as the broadcast it saves.)
 
 ``sums`` and ``dots`` reduce a float64 block per channel over its sample
 and position axes; for long rows they use ``np.vecdot`` (one BLAS dot per
 row, several times faster than ``einsum``).
 """
+import threading
 from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["BLOCK", "Block", "each", "sums", "dots"]
+__all__ = ["BLOCK", "WHOLE", "Block", "plan", "each", "sums", "dots"]
 
 # 2**15 float64 values = 256 KiB per buffer, so that a block's scratch
-# and expanded vectors stay in a 1-2 MiB L2 cache. Tests set it tiny to
+# and expanded vectors stay in a 0.5-2 MiB L2 cache. Tests set it tiny to
 # run many blocks, partial blocks and split rows on small arrays.
 BLOCK = 1 << 15
+
+# Arrays of at most this many values are one block (the whole plan). Up
+# to about 2^17 values the whole plan was as fast as the blocked one or
+# faster (docs/performance.md); its float64 scratch (at most 2 buffers of
+# 1 MiB, kept from call to call) is far below the 8 MiB of input from which
+# the peak-memory bar applies. Tests set it to 0 to send small arrays
+# through the blocked plan.
+WHOLE = 1 << 17
 
 # Rows shorter than this reduce with einsum (a BLAS call per row of a few
 # values would cost more than it saves).
@@ -62,6 +78,17 @@ class Block:
         self.count = self.shape[0] * self.shape[2]
 
 
+class _All:
+    """The whole plan's one block: all of the array, all channels."""
+
+    __slots__ = ()
+    index = (slice(None),) * 3
+    c = slice(None)
+
+
+_ALL = _All()
+
+
 def _sizes(shape, block):
     num, channels, length = shape
     if length > block:
@@ -74,6 +101,13 @@ def _sizes(shape, block):
     cb = channels if channels * length <= block else max(1, block // length)
     nb = max(1, min(num, block // (cb * length)))
     return nb, cb, length
+
+
+def plan(shape):
+    """The plan ``each`` uses for a (N, C, L) array: ``"whole"``, or the
+    blocked plan's block shape (nb, cb, lb) (for tests and the benchmark)."""
+    size = shape[0] * shape[1] * shape[2]
+    return "whole" if size <= WHOLE else _sizes(shape, BLOCK)
 
 
 @lru_cache(maxsize=64)
@@ -90,26 +124,28 @@ def _plan(shape, block):
     return tuple(groups), (nb, cb, lb)
 
 
-def _block(x):
-    # Small arrays get smaller blocks, so that the scratch buffers (at most
-    # six blocks of float64) stay under the size of the input itself.
-    return min(BLOCK, max(256, x.nbytes // 64))
-
-
 def each(x, vectors, k, body):
     """Call ``body(block, expanded, scratch)`` for every block of a (N, C, L) array x.
 
-    ``expanded`` holds each (C,) vector of ``vectors`` for the block's
-    channels: a float64 scalar for a one-channel block, else an array of
-    the block's shape (a real array, not a stride-0 view); ``scratch`` k
+    ``block.index`` selects the block from x (or any array of x's shape)
+    and ``block.c`` its channels. ``expanded`` holds each (C,) vector of
+    ``vectors`` for the block's channels, in a form that broadcasts against
+    the block: a (C, 1) column in the whole plan, a float64 scalar for a
+    one-channel block, else an array of the block's shape; ``scratch`` k
     float64 buffers of the block's shape; both belong to the call only.
     Blocks come in a fixed order, so per-channel sums are reproducible.
     """
-    groups, full = _plan(x.shape, _block(x))
+    if x.size <= WHOLE:
+        if x.size:
+            body(_ALL, [np.asarray(v, np.float64)[:, None] for v in vectors],
+                 [buf.reshape(x.shape) for buf in _scratch(k, x.size)])
+        return
+    groups, full = _plan(x.shape, BLOCK)
     vectors = [np.asarray(v, np.float64) for v in vectors]
     size = full[0] * full[1] * full[2]
-    bufs = [np.empty(size) for _ in range(k)]
-    wide = [np.empty(full) for _ in vectors] if full[1] > 1 else []
+    wide = len(vectors) if full[1] > 1 else 0
+    bufs = _scratch(k + wide, size)
+    wide, bufs = [buf.reshape(full) for buf in bufs[k:]], bufs[:k]
     # Lists, not tuples: tuples made per block would pile up on CPython's
     # tuple free list, which a memory soak test sees as growth.
     views = {}      # block shape -> (expanded, scratch) views, made once per shape
@@ -131,6 +167,26 @@ def each(x, vectors, k, body):
                 view = views[b.shape] = ([w[:nb, :cb, :lb] for w in wide],
                                          [buf[:nb * cb * lb].reshape(b.shape) for buf in bufs])
             body(b, *view)
+
+
+_POOL = threading.local()
+
+
+def _scratch(count, size):
+    """``count`` float64 buffers of ``size`` values, reused from call to call.
+
+    Fresh buffers of a few hundred KiB come from the operating system as
+    untouched pages, and the first write of each page costs a page fault: on
+    a (256, 1024) array that doubled the time of a backward pass. So the
+    scratch memory is kept, one flat array per thread (two threads never
+    share it), as big as the biggest request so far: at most 2 MiB, as
+    ``each`` asks for at most 2 scratch buffers of WHOLE values, or 2
+    buffers and 4 expanded vectors of BLOCK values.
+    """
+    flat = getattr(_POOL, "flat", None)
+    if flat is None or flat.size < count * size:
+        flat = _POOL.flat = np.empty(count * size)
+    return [flat[i * size:(i + 1) * size] for i in range(count)]
 
 
 _ONES = np.ones(0)

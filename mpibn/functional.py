@@ -153,14 +153,23 @@ def merge_stats(counts, means, m2s):
     total = counts.sum()
     if total == 0:
         return 0, np.zeros(means.shape[1]), np.zeros(means.shape[1])
-    present = counts > 0
-    shift = means[np.argmax(present)]
+    if counts.shape[0] == 1:
+        # One rank: the lines below add an exact 0 to its own mean and m2
+        # (NaN where its mean is not finite); so does this, in 3 calls not 15.
+        zero = means[0] - means[0]
+        return int(total), means[0] + zero, m2s[0] + zero
     weights = counts[:, None]
     # Empty ranks carry zero rows; masking keeps a stray non-finite value
-    # on an empty rank from poisoning the sum.
-    offsets = np.where(present[:, None], means - shift, 0.0)
+    # on an empty rank from poisoning the sum (no mask needed without one).
+    present = None if counts.all() else counts[:, None] > 0
+    shift = means[0] if present is None else means[np.argmax(present[:, 0])]
+    offsets = means - shift
+    if present is not None:
+        offsets = np.where(present, offsets, 0.0)
     mean = shift + (weights * offsets).sum(axis=0) / total
-    between = np.where(present[:, None], weights * (means - mean) ** 2, 0.0)
+    between = weights * (means - mean) ** 2
+    if present is not None:
+        between = np.where(present, between, 0.0)
     return int(total), mean, m2s.sum(axis=0) + between.sum(axis=0)
 
 

@@ -21,13 +21,17 @@ EPS = 1e-5
 SHAPES = [(5, 3, 4, 6), (7, 5), (2, 3, 300), (1, 2, 1000), (9, 1)]
 
 
-@pytest.fixture(params=[7, 64, None], ids=["block7", "block64", "default"])
+@pytest.fixture(params=[7, 64, 1 << 15, None], ids=["block7", "block64", "blocked", "default"])
 def block(request, monkeypatch):
-    """Block size in values: 7 and 64 cut small arrays into many (partial)
-    blocks. With small blocks, batch_norm_stats also takes its shift from
-    the head (the first 1/16 of the samples) as it does for big arrays."""
+    """The block plans. 7 and 64 (values per block) cut small arrays into
+    many (partial) blocks; "blocked" sends them through the blocked plan
+    with the default block size (one block, or one per channel); "default"
+    leaves them to the whole plan (``blocks.WHOLE``). Except by default,
+    batch_norm_stats also takes its shift from the head (the first 1/16 of
+    the samples) as it does for big arrays."""
     if request.param is not None:
         monkeypatch.setattr(blocks, "BLOCK", request.param)
+        monkeypatch.setattr(blocks, "WHOLE", 0)
         monkeypatch.setattr(F, "SMALL_SHARD", 0)
     return request.param
 
@@ -155,13 +159,16 @@ def test_layer_2d_and_4d_against_textbook(block, shape):
 
 def test_no_full_size_float64_temporary():
     """Peak temporary memory per pass at most 1x the input beyond y or dx
-    (a float64 copy of a float32 input alone would be 2x)."""
-    x, dy, _, _ = data((16, 8, 32, 32), np.float32, seed=6)
+    (a float64 copy of a float32 input alone would be 2x), for inputs of
+    8 MiB or more (the bar's range), the reused scratch memory included."""
+    x, dy, _, _ = data((32, 8, 128, 64), np.float32, seed=6)
+    assert x.nbytes == 8 << 20
     with SyncBatchNorm(8, comm=MPI.COMM_SELF).set_train() as bn:
         bn(x)
         bn.backward(dy)                                  # warm-up: caches, plans
         peaks = []
         for fn in (lambda: bn(x), lambda: bn.backward(dy)):
+            blocks._POOL.__dict__.clear()                # count the scratch it allocates
             tracemalloc.start()
             base = tracemalloc.get_traced_memory()[0]
             out = fn()
@@ -201,3 +208,79 @@ def test_non_contiguous_input_gives_the_same_results(block, layout):
     assert not (x2.flags.c_contiguous and dy2.flags.c_contiguous)
     for u, v in zip(*results):
         assert ulp_distance(u, v).max() <= 1
+
+
+def body_calls(shape):
+    """How many blocks ``blocks.each`` hands its body for a (N, C, L) array."""
+    calls = []
+    blocks.each(np.zeros(shape, np.float32), (np.zeros(shape[1]),), 1, lambda b, v, s: calls.append(b))
+    return len(calls)
+
+
+def test_plan_boundary_small_arrays_are_one_block():
+    """Up to blocks.WHOLE values one call of the body does the whole array
+    (never a Python loop over the channels of a small array); above, the
+    blocked plan with blocks of at most BLOCK values."""
+    whole = blocks.WHOLE
+    for shape in [(2, 4, 9), (8, 64, 64), (128, 1024, 1), (4, 512, 49), (1, whole, 1), (whole // 64, 1, 64)]:
+        assert blocks.plan(shape) == "whole" and body_calls(shape) == 1, shape
+    for shape in [(1, whole + 1, 1), (whole // 64 + 1, 1, 64), (256, 1024, 1), (16, 64, 784)]:
+        nb, cb, lb = blocks.plan(shape)
+        assert nb * cb * lb <= blocks.BLOCK
+        assert body_calls(shape) == -(-shape[0] // nb) * -(-shape[1] // cb) * -(-shape[2] // lb)
+    assert body_calls((0, 3, 4)) == 0
+
+
+@pytest.mark.parametrize("shape", [(256, 513), (64, 16, 130), (3, 2, 1 << 16)])
+def test_blocked_plan_above_whole_matches_textbook(shape):
+    """Arrays just above blocks.WHOLE, with their real block sizes."""
+    x, dy, gamma, beta = data(shape, np.float32, offset=3.0, seed=9)
+    assert blocks.plan(ncl(x).shape) != "whole"
+    mean, var, y, dx, _, _ = fast(x, dy, gamma, beta)
+    y_ref, dx_ref, mean_ref, var_ref = plain_batch_norm(x, dy, gamma, beta, EPS)
+    np.testing.assert_allclose(mean, mean_ref, rtol=1e-14)
+    np.testing.assert_allclose(var, var_ref, rtol=1e-12)
+    assert ulp_distance(y, y_ref.astype(np.float32)).max() <= 1
+    assert ulp_distance(dx, dx_ref.astype(np.float32)).max() <= 1
+
+
+def test_whole_and_blocked_plans_give_the_same_results(monkeypatch):
+    """The same array through both plans: y and dx within 1 ulp of each other,
+    the statistics equal to 1e-14 (only the order of the sums differs)."""
+    x, dy, gamma, beta = data((8, 6, 5, 7), np.float32, offset=2.0, seed=10)
+    whole = fast(x, dy, gamma, beta)
+    monkeypatch.setattr(blocks, "WHOLE", 0)
+    monkeypatch.setattr(blocks, "BLOCK", 16)
+    blocked = fast(x, dy, gamma, beta)
+    for a, b in zip(whole[:2] + whole[4:], blocked[:2] + blocked[4:]):
+        np.testing.assert_allclose(a, b, rtol=1e-14, atol=1e-14)
+    for a, b in zip(whole[2:4], blocked[2:4]):
+        assert ulp_distance(a, b).max() <= 1
+
+
+def test_scratch_is_reused_and_per_thread():
+    import threading
+    first = blocks._scratch(2, 100)
+    again = blocks._scratch(1, 50)
+    assert np.shares_memory(first[0], again[0])          # no new allocation
+    assert not np.shares_memory(first[0], first[1])
+    other = []
+    t = threading.Thread(target=lambda: other.append(blocks._scratch(2, 100)))
+    t.start()
+    t.join()
+    assert not np.shares_memory(other[0][0], first[0])   # threads never share scratch
+
+
+def test_merge_stats_one_rank_matches_the_general_formula():
+    """The one-rank shortcut of merge_stats gives bitwise what the general
+    formula gives (a second, empty rank with a zero m2 row, as empty ranks
+    send, takes it down the general path),
+    non-finite moments included."""
+    means = np.array([[3.25, -0.0, np.inf, np.nan, 1e300]])
+    m2s = np.array([[2.0, 0.0, np.nan, 1.0, np.inf]])
+    with np.errstate(invalid="ignore", over="ignore"):
+        one = F.merge_stats([7], means, m2s)
+        two = F.merge_stats([7, 0], np.vstack([means, [[5.0] * 5]]), np.vstack([m2s, [[0.0] * 5]]))
+    assert one[0] == two[0] == 7
+    for a, b in zip(one[1:], two[1:]):
+        assert np.array_equal(a, b, equal_nan=True) and np.array_equal(np.signbit(a), np.signbit(b))
