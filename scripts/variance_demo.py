@@ -4,9 +4,19 @@
     python scripts/variance_demo.py
 
 Four uneven "ranks" (400, 300, 200 and 100 values) hold data with a large
-mean and a small spread. Each way of synchronising is simulated on one
-process (no MPI: mpibn.functional is pure NumPy) and compared with the
-exact variance of the concatenated values (fractions.Fraction, no rounding).
+mean and a small spread, and a drift between ranks so that their means
+differ. Each way of synchronising is simulated on one process (no MPI:
+mpibn.functional is pure NumPy) and compared with the exact variance of the
+concatenated values (fractions.Fraction, no rounding):
+
+* the sum and sum of squares, var = E[x^2] - E[x]^2 (a rounding problem);
+* the count-weighted average of the ranks' variances, which drops the
+  between-rank term (wrong even with equal shards, in exact arithmetic);
+* Flax's scheme, an unweighted mean over ranks of E[x] and of E[x^2],
+  evaluated in exact arithmetic, so that only the scheme's error shows
+  (in floating point it also cancels as the first row does);
+* mpibn: count, mean and centred m2, merged.
+
 The numbers are quoted in docs/derivation.md.
 """
 from fractions import Fraction
@@ -32,11 +42,21 @@ def naive(shards, acc):
     return float(s2 / acc(n) - (s1 / acc(n)) ** 2)
 
 
-def mean_of_means(shards):
-    """Each rank sends its own mean and variance; the group averages them (Flax, Paddle, Ascend)."""
-    means = [s.astype(np.float64).mean() for s in shards]
-    var = np.mean([s.astype(np.float64).var() for s in shards])
-    return float(np.mean(means)), float(var)
+def within_only(shards):
+    """Each rank's variance, averaged with the counts as weights: the between-rank term is lost."""
+    n = sum(len(s) for s in shards)
+    return float(sum(len(s) * s.astype(np.float64).var() for s in shards) / n)
+
+
+def flax_pmean(shards):
+    """Flax: var = mean_r E_r[x^2] - (mean_r E_r[x])^2, unweighted over ranks (exact arithmetic)."""
+    ex, ex2 = [], []
+    for s in shards:
+        values = [Fraction(float(v)) for v in s]
+        ex.append(sum(values) / len(values))
+        ex2.append(sum(v * v for v in values) / len(values))
+    mean = sum(ex) / len(ex)
+    return float(mean), float(sum(ex2) / len(ex2) - mean * mean)
 
 
 def mpibn(shards):
@@ -63,9 +83,12 @@ def main():
         v = naive(shards, acc)
         print(f"  sum and sum of squares, E[x^2]-E[x]^2 : var {v:+.6g}   relative error "
               f"{abs(v - true) / true:.1e}")
-        m, v = mean_of_means(shards)
-        print(f"  mean of per-rank means and variances  : mean {m:.10g} var {v:.6g}   relative "
-              f"error of var {abs(v - true) / true:.1e}")
+        v = within_only(shards)
+        print(f"  weighted mean of rank variances       : var {v:.6g}   relative error "
+              f"{(v - true) / true:+.1e}  (between-rank term dropped)")
+        m, v = flax_pmean(shards)
+        print(f"  unweighted pmean of E[x], E[x^2] (Flax): mean {m:.10g} var {v:.6g}   relative "
+              f"error {(v - true) / true:+.1e}  (exact arithmetic)")
         m, v = mpibn(shards)
         print(f"  mpibn: count, mean, centred m2 (merge): mean {m:.10g} var {v:.10g}   relative "
               f"error {abs(v - true) / true:.1e}")
