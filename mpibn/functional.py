@@ -262,9 +262,10 @@ def batch_norm_backward_elemt(dy, xhat, gamma, inv_std, mean_dy, mean_dy_xhat,
         dx = gamma * inv_std * (dy - mean_dy - xhat * mean_dy_xhat)   (N, C, L)
 
     where mean_dy = sum_dy / N and mean_dy_xhat = sum_dy_xhat / N are the
-    group's sums over its count N. With constant statistics (eval mode, or
-    use_batch_statistics=False) pass mean_dy = mean_dy_xhat = 0, which gives
-    dx = gamma * inv_std * dy.
+    group's sums over its count N (N here is the group's count of values per
+    channel, not the batch dimension of dy's shape). With constant
+    statistics (the moving statistics were used) pass mean_dy =
+    mean_dy_xhat = 0, which gives dx = gamma * inv_std * dy.
 
     Pass ``xhat``, or xhat=None with ``x`` and ``mean``: then
     ``xhat * mean_dy_xhat = (x - mean) * (inv_std * mean_dy_xhat)``, formed

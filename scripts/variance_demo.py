@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Why the group's statistics travel as (count, mean, centred m2), not (sum, sum of squares).
 
-    python scripts/variance_demo.py
+    python scripts/variance_demo.py            # the synchronisation schemes
+    python scripts/variance_demo.py --shard    # one shard's m2 against exact arithmetic
 
 Four uneven "ranks" (400, 300, 200 and 100 values) hold data with a large
 mean and a small spread, and a drift between ranks so that their means
@@ -17,8 +18,16 @@ concatenated values (fractions.Fraction, no rounding):
   (in floating point it also cancels as the first row does);
 * mpibn: count, mean and centred m2, merged.
 
-The numbers are quoted in docs/derivation.md.
+``--shard`` measures instead the accuracy of one rank's local moments
+(``batch_norm_stats``) on one channel of n = 100,352 values, shaped
+(32, 1, 3136) so that the shard is larger than SMALL_SHARD and its head is
+the first 2 samples; once in random order and once sorted (the head then
+holds the smallest values, the worst case for the shift).
+
+The numbers are quoted in docs/derivation.md (tests/test_teaching.py checks
+the first block).
 """
+import argparse
 from fractions import Fraction
 
 import numpy as np
@@ -66,7 +75,38 @@ def mpibn(shards):
     return float(mean[0]), float(m2[0] / total)
 
 
+def exact_m2(x):
+    """Exact sum((x - mean)^2) of float values, as a float: integers on a common 2^-k grid."""
+    ratios = [float(v).as_integer_ratio() for v in x]
+    scale = max(d for _, d in ratios)
+    ints = [n * (scale // d) for n, d in ratios]            # x_i = ints[i] / scale, exactly
+    s1, s2 = sum(ints), sum(v * v for v in ints)
+    return float(Fraction(len(ints) * s2 - s1 * s1, len(ints) * scale * scale))
+
+
+def shard_accuracy():
+    rng = np.random.default_rng(0)
+    n = 32 * 3136
+    print(f"one shard, one channel, n = {n} values, shape (32, 1, 3136): relative error of m2")
+    for mu, sigma, dtype in [(0.0, 1.0, np.float64), (1e4, 1.0, np.float64),
+                             (1e4, 0.1, np.float32), (5.0, 1.0, np.float32)]:
+        x = rng.normal(mu, sigma, n).astype(dtype)
+        errors = []
+        for values in (x, np.sort(x)):
+            _, _, m2 = batch_norm_stats(values.reshape(32, 1, 3136))
+            true = exact_m2(values)
+            errors.append(abs(float(m2[0]) - true) / true)
+        print(f"  {np.dtype(dtype).name} data, mean {mu:g}, std {sigma:g}: random order "
+              f"{errors[0]:.1e}, sorted {errors[1]:.1e}")
+
+
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shard", action="store_true",
+                        help="measure one shard's m2 against exact arithmetic instead")
+    if parser.parse_args().shard:
+        shard_accuracy()
+        return
     rng = np.random.default_rng(0)
     cases = [("float64 data, mean 1e8, std 1", np.float64, 1e8, 1.0, np.float64),
              ("float32 data, mean 1e4, std 0.1, float32 sums", np.float32, 1e4, 0.1, np.float32),
