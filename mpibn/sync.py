@@ -29,7 +29,7 @@ __all__ = ["sync_batch_norm", "sync_batch_norm_backward", "Saved"]
 class Saved:
     """What backward needs from forward (never recomputed in backward).
 
-    x (N, C, L) is kept by reference: do not modify it before backward.
+    x (B, C, L) is kept by reference: do not modify it before backward.
     ``count`` is the group's total count, or None when the statistics were
     constants (the moving statistics were used): then backward communicates
     nothing.
