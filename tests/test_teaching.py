@@ -13,8 +13,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from mpibn import functional as F
+from mpibn.launch import under_mpiexec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DERIVATION = os.path.join(ROOT, "docs", "derivation.md")
@@ -25,6 +27,7 @@ def _read(path):
         return f.read()
 
 
+@pytest.mark.skipif(under_mpiexec(), reason="runs a script; once is enough (serial run)")
 def test_derivation_quotes_what_variance_demo_prints():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "variance_demo.py")],
                          capture_output=True, text=True, timeout=120, check=True).stdout
