@@ -4,6 +4,7 @@
     mpibn bench --np             # single process only
     mpibn bench --quick          # fewer repeats, for a first look
     mpibn bench --smoke          # tiny shapes, no MPI, no torch: checks that it runs
+    mpibn bench --grid           # mpibn / torch over shapes x dtypes (mpibn/bench_grid.py)
 
 For each shape it times, in the same process and interleaved (one repeat
 of each candidate in turn, so that load from other programs hits all of
@@ -68,6 +69,9 @@ def parse(argv):
                    help="threads for torch and BLAS (mpibn's element-wise NumPy work is single-threaded)")
     p.add_argument("--quick", action="store_true", help="3 repeats, 1 warm-up")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, no MPI, no torch: checks the script")
+    p.add_argument("--grid", action="store_true",
+                   help="mpibn / torch over a grid of shapes and dtypes, best of --repeats, and the tiny "
+                        "layer under mpiexec (mpibn/bench_grid.py); writes performance-grid.json and .png")
     p.add_argument("--out", default=None,
                    help="folder for performance.json / performance.png (default: docs/ of the source "
                         "checkout, else the current directory; --smoke: a new temporary directory)")
@@ -378,12 +382,19 @@ def main(argv=None):
     global ARGS, torch, TF
     argv = sys.argv[1:] if argv is None else list(argv)
     ARGS = parse(argv)
-    if not pinned(ARGS.threads):
+    from .bench_grid import OPENBLAS_VARS, run_grid
+    # The grid also runs without OpenBLAS settings of the environment (its process only).
+    unset = OPENBLAS_VARS if ARGS.grid else ()
+    if not pinned(ARGS.threads) or any(var in os.environ for var in unset):
         env = dict(os.environ, **{var: str(ARGS.threads) for var in THREAD_VARS})
+        for var in unset:
+            env.pop(var, None)
         return subprocess.run([sys.executable, "-m", "mpibn.bench", *argv], env=env).returncode
     if ARGS.worker:
         worker(ARGS.worker)
         return 0
+    if ARGS.grid:
+        return run_grid(ARGS, argv)
     torch, TF = load_torch()
     load = os.getloadavg()
     results = []

@@ -63,3 +63,36 @@ def test_scripts_bench_still_runs_the_packaged_benchmark():
     out = subprocess.run([sys.executable, "scripts/bench.py", "--help"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "usage: mpibn bench" in out.stdout, out.stderr
+
+
+def test_bench_grid_smoke_writes_cells_and_heat_map(tmp_path):
+    out = bench("--grid", "--smoke", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "performance-grid.json").read_text())
+    cells = report["cells"]
+    assert [(tuple(c["shape"]), c["dtype"]) for c in cells] == [
+        ((2, 3), "float32"), ((2, 3), "float16"), ((2, 2, 3, 3), "float32"), ((2, 2, 3, 3), "float16")]
+    for c in cells:
+        assert c["mpibn_s"] > 0 and c["plan"] == "whole"
+        assert (c["floor_s"] is not None) == (c["dtype"] == "float16")
+    assert report["unset"] == ["OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"] and report["blas"]
+    assert "mpibn us" in out.stdout and "[4/4]" in out.stderr           # table and progress line
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (tmp_path / "performance-grid.png").stat().st_size > 1000
+
+
+def test_bench_grid_verdicts_apply_the_bars():
+    from mpibn.bench_grid import verdicts
+
+    def c(shape, dtype, ratio, seconds=1e-3):
+        return {"shape": list(shape), "dtype": dtype, "ratio": ratio, "mpibn_s": seconds}
+    cells = [c((2, 4, 3, 3), "float32", 2.0, 120e-6), c((2, 4, 3, 3), "float64", 0.5),
+             c((16, 8), "float32", 3.0), c((16, 8), "float16", 40.0)]     # float16 not in the bars
+    (geo, worst, over, tiny) = verdicts(cells)
+    assert geo[0].startswith("geometric mean") and abs(geo[1] - 3.0 ** (1 / 3)) < 1e-12 and geo[2] == 1.5
+    assert "(16, 8) float32" in worst[0] and worst[1:3] == (3.0, 2.5)
+    assert over[1:3] == (1, 0)
+    assert tiny[0].startswith("(2, 4, 3, 3) float32") and abs(tiny[1] - 120.0) < 1e-9 and tiny[2] == 100.0
