@@ -63,14 +63,19 @@ MPI_SETTINGS = {
 OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 
-def best_of(candidates, rounds, barrier=None):
-    """{name: best seconds per call}: rounds of interleaved batches of calls."""
+def best_of(candidates, rounds, barrier=None, agree=None):
+    """{name: best seconds per call}: rounds of interleaved batches of calls.
+
+    Under MPI, ``agree`` makes every rank use rank 0's batch sizes (a
+    collective must be called the same number of times on every rank)."""
     inner = {}
     for name, fn in candidates.items():
         fn()                                           # warm-up: caches, plans, buffers
         t0 = time.perf_counter()
         fn()
         inner[name] = max(1, int(SAMPLE_S / max(time.perf_counter() - t0, 1e-7)))
+    if agree:
+        inner = agree(inner)
     best = {name: math.inf for name in candidates}
     for _ in range(rounds):
         for name, fn in candidates.items():
@@ -210,7 +215,7 @@ def mpi_worker(path, rounds):
                  "alone": lambda: (alone(x), alone.backward(dy)),
                  "allreduce": lambda: comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM),
                  "allreduce_1": lambda: comm.Allreduce(MPI.IN_PLACE, one, op=MPI.SUM)},
-                rounds, barrier=comm.Barrier)
+                rounds, barrier=comm.Barrier, agree=lambda inner: comm.bcast(inner, root=0))
     every = comm.gather(t, root=0)
     if comm.Get_rank() == 0:
         with open(path, "w") as f:
