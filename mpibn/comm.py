@@ -307,13 +307,21 @@ class RowExchange:
             row[4:HEADER] = problem.details
         else:
             row[1] = count
-            row[HEADER:self.width] = np.ravel(payload)
+            rows = row[HEADER:self.width].reshape(self.k, self.channels)
+            if len(payload) == self.k:
+                for i, values in enumerate(payload):   # k (C,) arrays: no stacked copy
+                    rows[i] = values
+            else:
+                rows[...] = np.reshape(payload, rows.shape)
             if shared is not None:
                 self.group._shared[:self.shared_width] = np.ravel(shared)
         # The rows alone when the group has no summed region (the same memory).
         self.group.allreduce_sum(self.group._flat if self.group._shared.size else buf, tag)
-        raise_agreed(buf, self.group, context)
-        check_tags(buf, self.group, context)
+        # Cheap tests first (this is every call's path); the functions build the messages.
+        if buf[:, 0].any():
+            raise_agreed(buf, self.group, context)
+        if self.group.size > 1:
+            check_tags(buf, self.group, context)
         payloads = buf[:, HEADER:self.width].reshape(-1, self.k, self.channels)
         return buf[:, 1].copy(), payloads.copy()
 

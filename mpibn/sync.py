@@ -128,6 +128,8 @@ def batch_statistics(x, problem, exchange, eps, context, tag, running_mean=None,
 
 
 def _check_finite(rows, group_comm, context):
+    if np.isfinite(rows).all():                   # every call's path: one test
+        return
     bad = ~np.isfinite(rows).all(axis=1)          # (P, C)
     if bad.any():
         where = [(group_comm.ranks[r], c) for r, c in zip(*np.nonzero(bad))]
