@@ -72,6 +72,9 @@ def parse(argv):
     p.add_argument("--grid", action="store_true",
                    help="mpibn / torch over a grid of shapes and dtypes, best of --repeats, and the tiny "
                         "layer under mpiexec (mpibn/bench_grid.py); writes performance-grid.json and .png")
+    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                   help="--grid cells: CPU time of the process (default; other programs' load does not "
+                        "count) or wall time")
     p.add_argument("--out", default=None,
                    help="folder for performance.json / performance.png (default: docs/ of the source "
                         "checkout, else the current directory; --smoke: a new temporary directory)")
