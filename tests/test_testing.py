@@ -250,3 +250,14 @@ def test_reference_runs_in_a_venv_without_mpi4py(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.startswith("ok"), run.stdout
     assert here != site
+
+
+@pytest.mark.skipif(WORLD.Get_size() > 1, reason="serial session only (runs pytest in a subprocess)")
+def test_example_backend_test_file_runs_and_passes():
+    # scripts/example_reference_test.py on its NumPy per-rank backend (JAX is not a test dependency).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_", "MPI_"))}
+    env["MPIBN_EXAMPLE_BACKEND"] = "numpy"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          os.path.join(ROOT, "scripts", "example_reference_test.py")],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert run.returncode == 0 and "3 passed" in run.stdout, run.stdout + run.stderr
