@@ -27,7 +27,7 @@ import numpy as np
 
 
 def _ncl(a):
-    return a.reshape(a.shape[0], a.shape[1], -1).astype(np.float64)
+    return a.reshape(a.shape[0], a.shape[1], int(np.prod(a.shape[2:]))).astype(np.float64)
 
 
 def recompute(s, ranks, weights="group", moving_var="unbiased", stats_dtype=None):
