@@ -67,8 +67,10 @@ def score_scenario(golden, results, name, s, ranks, peer):
     peer_errors, still = {}, []
     for k in failing:
         pairs = [(theirs[r][k], result_files[r][k]) for r in range(len(result_files))]
-        peer_errors[k] = normwise(pairs)
         ref_finite = all(np.isfinite(p[0]).all() for p in pairs)
+        # NaN under the peer's convention (e.g. the mean of an empty device's mean) is no match.
+        peer_errors[k] = normwise(pairs) if ref_finite else "nan"
+
         if not ref_finite or not compare_quantity(pairs).passed:
             still.append(k)
     entry["errors_peer_convention"] = peer_errors

@@ -53,7 +53,10 @@ def cell(entry):
         return "not in run"
     errs = entry.get("errors") or {}
     parts = [f"{short} {fmt(errs.get(q))}" for q, short in CELL_QUANTITIES if errs.get(q) is not None]
-    return VERDICT.get(entry["verdict"], entry["verdict"]) + ("<br>" + " ".join(parts) if parts else "")
+    verdict = VERDICT.get(entry["verdict"], entry["verdict"])
+    if entry["verdict"] == "defect" and str(entry.get("note", "")).startswith("accuracy"):
+        verdict = "defect (accuracy)"
+    return verdict + ("<br>" + " ".join(parts) if parts else "")
 
 
 def render(directory, md_link_prefix="conformance/"):
@@ -79,8 +82,14 @@ def render(directory, md_link_prefix="conformance/"):
            "`mpibn verify`'s tolerance, 32 eps of the result dtype, normwise); **CONV** (a convention "
            "difference: off under mpibn's convention, within tolerance once the reference is recomputed "
            "under the framework's documented convention); **DEFECT** (off under both; bug report linked "
-           "below); **unsupp.** (the framework cannot express the scenario); **ERROR** (crash or hang). "
+           "below); **defect (accuracy)** (off under both, but only by the rounding of the arithmetic the framework "
+           "chose, e.g. float32 statistics: a precision limit, not a semantic bug; the column's note says which); "
+           "**unsupp.** (the framework cannot express the scenario); **ERROR** (crash or hang). "
            "`inf`/`nan`: the framework returned non-finite numbers.", ""]
+    summary = os.path.join(directory, "summary.md")
+    if os.path.exists(summary):           # hand-written findings in a few lines, kept next to the data
+        with open(summary) as f:
+            out += [f.read().strip(), ""]
     gpu = dict((g[0], g[1]) for g in GPU_ONLY)
     matrix = order + [g for g in gpu if g not in order]
     heads = []
