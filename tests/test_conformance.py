@@ -145,6 +145,17 @@ def test_report_renders_matrix_links_missing_and_gpu_only_columns(tmp_path):
     assert "python run_flax.py" in text and "jax 0.1" in text
 
 
+def test_report_tolerates_partial_column_files(tmp_path):
+    # A peer's file may be written by hand or by an older script: missing keys must not crash.
+    d = tmp_path / "c"
+    d.mkdir()
+    (d / "keras3.json").write_text(json.dumps({"column": "keras3", "scenarios": {
+        "even": {"verdict": "error", "note": "MirroredStrategy hung"}, "uneven": {"errors": {"y": 0.5}}}}))
+    text = report.render(str(d))
+    assert "**ERROR**" in text and "- Error, `even`: MirroredStrategy hung" in text and "? <br>y 5e-01" not in text
+    assert "?<br>y 5e-01" in text
+
+
 def test_report_with_no_column_files_at_all(tmp_path):
     text = report.render(str(tmp_path / "nothing"))
     assert "Not run yet" in text and "GPU only: not run" not in text and "| scenario |" in text

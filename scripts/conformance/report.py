@@ -53,8 +53,8 @@ def cell(entry):
         return "not in run"
     errs = entry.get("errors") or {}
     parts = [f"{short} {fmt(errs.get(q))}" for q, short in CELL_QUANTITIES if errs.get(q) is not None]
-    verdict = VERDICT.get(entry["verdict"], entry["verdict"])
-    if entry["verdict"] == "defect" and str(entry.get("note", "")).startswith("accuracy"):
+    verdict = VERDICT.get(entry.get("verdict"), str(entry.get("verdict", "?")))
+    if entry.get("verdict") == "defect" and str(entry.get("note", "")).startswith("accuracy"):
         verdict = "defect (accuracy)"
     return verdict + ("<br>" + " ".join(parts) if parts else "")
 
@@ -68,7 +68,7 @@ def render(directory, md_link_prefix="conformance/"):
     missing = [c for c in order if c not in docs]
     scenarios = []
     for c in runnable:
-        for s in docs[c]["scenarios"]:
+        for s in docs[c].get("scenarios") or {}:
             if s not in scenarios:
                 scenarios.append(s)
     out = ["# Conformance: synchronised batch norm across frameworks against mpibn", "",
@@ -104,7 +104,7 @@ def render(directory, md_link_prefix="conformance/"):
         cells = []
         for c in matrix:
             if c in runnable:
-                cells.append(cell(docs[c]["scenarios"].get(s)))
+                cells.append(cell((docs[c].get("scenarios") or {}).get(s)))
             elif c in gpu or c in docs:
                 cells.append("GPU only: not run")
             else:
@@ -130,8 +130,9 @@ def render(directory, md_link_prefix="conformance/"):
             "Errors below: mpibn's convention -> the framework's.", ""]
     for c in runnable:
         doc = docs[c]
-        conv = {s: e for s, e in doc["scenarios"].items() if e["verdict"] == "convention"}
-        bad = {s: e for s, e in doc["scenarios"].items() if e["verdict"] in ("defect", "error")}
+        entries = doc.get("scenarios") or {}
+        conv = {s: e for s, e in entries.items() if e.get("verdict") == "convention"}
+        bad = {s: e for s, e in entries.items() if e.get("verdict") in ("defect", "error")}
         out.append(f"### {titles.get(c, c)}")
         out.append("")
         out.append(f"Convention: {doc.get('convention', '-')}")
@@ -141,8 +142,9 @@ def render(directory, md_link_prefix="conformance/"):
         for label, group in (("Convention", conv), ("Defect", bad)):
             for s, e in group.items():
                 peer = e.get("errors_peer_convention") or {}
-                moved = ", ".join(f"{q} {fmt(e['errors'].get(q))} -> {fmt(v)}" for q, v in peer.items())
-                out.append(f"- {label}, `{s}`: {e.get('note', '')}" + (f" ({moved})" if moved else ""))
+                moved = ", ".join(f"{q} {fmt((e.get('errors') or {}).get(q))} -> {fmt(v)}" for q, v in peer.items())
+                kind = "Error" if e.get("verdict") == "error" else label
+                out.append(f"- {kind}, `{s}`: {e.get('note', '')}" + (f" ({moved})" if moved else ""))
         link = _link(directory, c, md_link_prefix)
         if link:
             out.append(f"- Bug reports and details: {link}")
