@@ -19,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF = os.path.join(ROOT, "scripts", "conformance")
 pytestmark = pytest.mark.skipif(MPI.COMM_WORLD.Get_size() > 1, reason="serial session only")
 sys.path.insert(0, CONF)
+import column  # noqa: E402
 import peer_convention  # noqa: E402
 import report  # noqa: E402
 
@@ -38,11 +39,8 @@ def load(path):
 
 def score(golden, results, tmp_path, *extra):
     out = str(tmp_path / "col.json")
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    run = subprocess.run([sys.executable, os.path.join(CONF, "column.py"), golden, results, "--column", "fake",
-                          "--out", out, "--framework", "a fake backend", "--convention", "c",
-                          "--command", "cmd", *extra], capture_output=True, text=True, timeout=120, env=env)
-    assert run.returncode == 0, run.stdout + run.stderr
+    assert column.main([golden, results, "--column", "fake", "--out", out, "--framework", "a fake backend",
+                        "--convention", "c", "--command", "cmd", *extra]) == 0
     with open(out) as f:
         return json.load(f)
 
@@ -159,3 +157,16 @@ def test_report_tolerates_partial_column_files(tmp_path):
 def test_report_with_no_column_files_at_all(tmp_path):
     text = report.render(str(tmp_path / "nothing"))
     assert "Not run yet" in text and "GPU only: not run" not in text and "| scenario |" in text
+
+
+def test_mpibn_testing_adapter_reproduces_the_golden_files_bitwise(golden_dir, tmp_path):
+    # The "mpibn exact" column's adapter: mpibn.testing.reference in one process, on a golden set.
+    sys.path.insert(0, os.path.join(ROOT, "scripts", "adapters"))
+    import mpibn_testing_adapter
+    out = str(tmp_path / "exact")
+    assert mpibn_testing_adapter.main([golden_dir, out]) == 0
+    for name in ("even", "eval", "constant_channel"):
+        g, r = load(os.path.join(golden_dir, name, "rank0.npz")), load(os.path.join(out, name, "rank0.npz"))
+        assert set(r) <= set(g) and "y" in r
+        for k in r:
+            assert r[k].dtype == g[k].dtype and r[k].tobytes() == g[k].tobytes(), (name, k)
