@@ -5,8 +5,8 @@
         --framework "..." --convention "..." --versions torch=2.13.0 ... --command "..." \\
         [--peer-weights device] [--peer-moving-var biased] [--peer-stats-dtype float32] [--notes NOTES.json]
 
-Per scenario (format: /work/helpers/conformance-schema.md, restated in
-docs/conformance.md): the normwise relative error ||a - e||_2 / ||e||_2 over
+Per scenario (the format is described in docs/conformance.md, "Column
+files"): the normwise relative error ||a - e||_2 / ||e||_2 over
 all ranks (float64; the plain norm where ||e|| = 0; "inf" or "nan" as strings
 where the backend gave non-finite numbers) of every quantity, against the
 golden values; the verdict at ``mpibn verify``'s tolerance

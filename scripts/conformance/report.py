@@ -150,6 +150,18 @@ def render(directory, md_link_prefix="conformance/"):
         if link:
             out.append(f"- Bug reports and details: {link}")
         out.append("")
+    out += ["## Column files", "",
+            "`docs/conformance/<column>.json`, one per framework column, written by "
+            "`scripts/conformance/column.py` from an adapter's results (GPU-only columns by hand with "
+            "`\"runnable\": false`): `column`, `framework`, `runnable`, `versions` (name -> version), "
+            "`command`, `golden` (format version and mpibn version), `convention` (one line), and "
+            "`scenarios`: per golden scenario `verdict`, `errors` (normwise relative error per quantity "
+            "against the golden values, float64, over all ranks concatenated: ||a - e||_2 / ||e||_2, the "
+            "plain norm where ||e|| = 0; null where the framework gives no such quantity; the strings "
+            "\"nan\"/\"inf\" where it gave non-finite numbers), `errors_peer_convention` (the failing "
+            "quantities against the reference recomputed under the framework's convention) and `note`. "
+            "`docs/conformance/<column>.md` holds the column's bug reports (version, minimal reproduction, "
+            "expected against actual, upstream issue).", ""]
     out += ["## Commands and versions", ""]
     for c in runnable + [g[0] for g in GPU_ONLY if g[0] in docs and g[0] not in runnable]:
         doc = docs[c]
