@@ -43,7 +43,7 @@ def normwise(pairs):
     return num / den if den > 0 else num
 
 
-def score_scenario(golden, results, name, s, ranks, peer):
+def score_scenario(golden, results, name, s, peer):
     """(entry dict) for one scenario, or None when the backend wrote nothing for it."""
     if not os.path.isdir(os.path.join(results, name)):
         return None
@@ -105,7 +105,7 @@ def main(argv=None):
             notes = json.load(f)
     scenarios = {}
     for name, s in manifest["scenarios"].items():
-        entry = score_scenario(args.golden, args.results, name, s, None, peer)
+        entry = score_scenario(args.golden, args.results, name, s, peer)
         if entry is None:
             entry = {"verdict": "unsupported", "errors": {k: None for k in ("y", "dx", "batch_var", "moving_var")},
                      "note": "no results for this scenario"}
