@@ -322,7 +322,7 @@ def raise_agreed(buf, group, context, own=None):
         return
     problems = [(group.ranks[r], Problem.from_numbers(buf[r, 0], buf[r, 4:HEADER])) for r in bad]
     parts = said_once((rank, p.describe()) for rank, p in problems)
-    exc = problems[0][1].exception_type()(f"{context} (group ranks {list(group.ranks)}): {parts}")
+    exc = problems[0][1].exception(f"{context} (group ranks {list(group.ranks)}): {parts}")
     raise exc from getattr(own, "cause", None)
 
 
@@ -354,4 +354,4 @@ def local_problem(problem, group, context):
     """Raise a problem found where nothing is communicated (no peer waits)."""
     if problem is not None:
         where = f" (rank {group.ranks[group.rank]})" if group is not None else ""
-        raise problem.exception_type()(f"{context}{where}: {problem.describe()}") from problem.cause
+        raise problem.exception(f"{context}{where}: {problem.describe()}") from problem.cause

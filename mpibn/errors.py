@@ -104,6 +104,15 @@ class Problem:
             return cls if isinstance(cls, type) and issubclass(cls, Exception) else RuntimeError
         return PROBLEMS[self.code][0]
 
+    def exception(self, message):
+        """The exception to raise for this problem, with ``message``. A builtin
+        type that will not take a lone message (UnicodeDecodeError needs five
+        arguments) becomes RuntimeError."""
+        try:
+            return self.exception_type()(message)
+        except TypeError:
+            return RuntimeError(message)
+
     def describe(self):
         return PROBLEMS[self.code][1](self.details)
 

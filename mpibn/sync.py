@@ -115,7 +115,7 @@ def sync_batch_norm(x, gamma, beta, *, group_comm, eps=1e-5, training=True, runn
         problem, x = guarded(None, lambda: _native(original))
     if training:
         if exchange is None:
-            exchange = agreed_exchange(group_comm, channels, exact, problem, context, tag)
+            exchange = agreed_exchange(group_comm, channels, exact, problem, tag)
         mean, inv_std, count, var = batch_statistics(
             x, problem, exchange, eps, context, tag, running_mean, running_var, momentum, nonfinite,
             exact)
@@ -134,7 +134,7 @@ def sync_batch_norm(x, gamma, beta, *, group_comm, eps=1e-5, training=True, runn
     return y.reshape(x.shape), saved
 
 
-def agreed_exchange(group_comm, channels, exact, problem, context, tag):
+def agreed_exchange(group_comm, channels, exact, problem, tag):
     """A stateless training call's exchange, once the group agrees on its size.
 
     The buffer's width grows with the channel count. Ranks that passed
@@ -144,6 +144,9 @@ def agreed_exchange(group_comm, channels, exact, problem, context, tag):
     difference is a ValueError on every rank. A rank whose channel count is
     unknown (bad gamma) flags its problem here.
     """
+    # The context names no channel count: the ranks disagree on it, and the
+    # message must be the same on every rank.
+    context = "sync_batch_norm"
     probe = RowExchange(group_comm, 2, 1)
     _, rows = probe.exchange(problem if channels is None else None, 0,
                              None if channels is None else [channels, float(bool(exact))], context, tag)

@@ -257,3 +257,14 @@ def test_failed_save_names_the_path_asked_for(tmp_path):
     assert str(tmp_path) in str(info.value) and ".tmp" not in str(info.value)
     left = [f for f in os.listdir(tmp_path.parent) if f.startswith(f".{tmp_path.name}.")]
     assert left == []                                             # no temporary file left
+
+
+def test_local_error_type_travels_by_name_through_the_row():
+    from mpibn.errors import Problem
+    for exc, expect in [(IndexError("i"), IndexError), (MemoryError(), MemoryError),
+                        (UnicodeDecodeError("utf-8", b"x", 0, 1, "bad"), RuntimeError)]:
+        sent = Problem.from_exception(exc)
+        got = Problem.from_numbers(float(sent.code), [float(d) for d in sent.details])   # as the buffer holds them
+        raised = got.exception(got.describe())
+        assert type(raised) is expect
+        assert str(raised).startswith(f"{type(exc).__name__} raised in this rank's own computation")
