@@ -12,6 +12,7 @@ NumPy only. Two uses:
   parameter values with it, ``mpibn.agree``).
 """
 import hashlib
+from functools import lru_cache
 
 import numpy as np
 
@@ -21,17 +22,18 @@ _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 # Positions per (sample, channel) plane kept by value, and at most this many in all.
 _PER_PLANE = 4
-_MAX_SAMPLED = 1 << 14
+_MAX_SAMPLED = 1 << 13
 
 
-def fingerprint(x3):
+def fingerprint(x3, full=True):
     """(word sum, sampled values) of a (N, C, L) array; compare with ``==``.
 
     ::
 
         word sum  = sum of x's raw bits, as unsigned integers, modulo 2^64
+                    (None when not ``full``)
         sampled   = x[n, c, l] at up to 4 positions l of every plane (n, c)
-                    (every s-th n when there are more than 2^14 of them), by value
+                    (every s-th n when there would be more than 2^13 values), by value
 
     Changing any single element changes the word sum (its bits change by a
     non-zero amount below 2^64), so ``x *= 10``, ``x[0] += 1`` and
@@ -43,19 +45,29 @@ def fingerprint(x3):
     sampled value changes.
 
     Cost: one read of x at memory speed (integer adds, no float64
-    conversion) when x is C-contiguous; a strided read otherwise.
+    conversion) when x is C-contiguous, a strided read otherwise; with
+    ``full=False`` only the samples (a few values per plane), which sees
+    ``x *= 10`` or ``x[...] = other`` but not a change at an unsampled position.
     """
     if x3.size == 0:
         return 0, b""
-    if x3.flags.c_contiguous and x3.nbytes % 8 == 0:
+    total = None
+    if full and x3.flags.c_contiguous and x3.nbytes % 8 == 0:
         words = x3.reshape(-1).view(np.uint64)       # 8 bytes per add: the fastest read
-    else:
+        total = int(np.add.reduce(words, axis=None, dtype=np.uint64))   # wraps modulo 2^64
+    elif full:
         words = x3.view(_UINT[x3.dtype.itemsize])    # same item size: any strides work
-    total = int(np.add.reduce(words, axis=None, dtype=np.uint64))   # wraps modulo 2^64
+        total = int(np.add.reduce(words, axis=None, dtype=np.uint64))
     num, channels, length = x3.shape
-    positions = np.unique(np.linspace(0, length - 1, _PER_PLANE).astype(np.intp))
+    positions = _positions(length)
     step = max(1, -(-num * channels * positions.size // _MAX_SAMPLED))
     return total, x3[::step][:, :, positions].tobytes()
+
+
+@lru_cache(maxsize=64)
+def _positions(length):
+    """Up to _PER_PLANE positions spread over [0, length), first and last included."""
+    return np.unique(np.linspace(0, length - 1, _PER_PLANE).astype(np.intp))
 
 
 def digest(a):

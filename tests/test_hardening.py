@@ -56,6 +56,22 @@ def test_x_changed_in_place_before_backward_raises(edit, training):
     assert bn.gamma.grad is None and bn.beta.grad is None
 
 
+def test_one_unsampled_element_is_caught_in_training_only():
+    # (6, 3, 2, 3): L = 6, sampled positions l = 0, 1, 3, 5; (h, w) = (0, 2) is l = 2.
+    x, dy = batch()
+    train = layer().set_train()
+    train(x)
+    x[3, 1, 0, 2] += 0.5
+    with pytest.raises(RuntimeError, match="modified in place"):
+        train.backward(dy)
+    # eval compares the samples only (documented): the change goes unseen
+    x, dy = batch()
+    evaluating = layer()
+    evaluating(x)
+    x[3, 1, 0, 2] += 0.5
+    evaluating.backward(dy)
+
+
 def test_x_unchanged_or_copied_gives_the_right_dx():
     # Control: a copy passed to forward may be changed at will; and the
     # fingerprint does not fire on an untouched x (2-D, 4-D, strided).
