@@ -21,6 +21,8 @@ from oracle import plain_batch_norm
 
 SELF = MPI.COMM_SELF
 C = 3
+# np.asmatrix warns that matrix is not recommended: that is the point of the test
+pytestmark = pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
 
 
 def layer(**kw):

@@ -27,7 +27,7 @@ from test_faults_mpi import check_agreed, named_ranks
 
 C = 3
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")]
 
 
 def world():
