@@ -286,3 +286,25 @@ def test_local_error_type_travels_by_name_through_the_row():
         raised = got.exception(got.describe())
         assert type(raised) is expect
         assert str(raised).startswith(f"{type(exc).__name__} raised in this rank's own computation")
+
+
+# -- item 1: the lockstep switch (its effect across ranks: tests/test_hardening_mpi.py) --------
+
+def test_lockstep_argument_and_environment(monkeypatch):
+    assert layer().lockstep is False
+    monkeypatch.setenv("MPIBN_LOCKSTEP", "1")
+    assert layer().lockstep is True and layer(lockstep=False).lockstep is False
+    monkeypatch.setenv("MPIBN_LOCKSTEP", "maybe")
+    with pytest.raises(ValueError, match="MPIBN_LOCKSTEP must be 1 or 0, got 'maybe'"):
+        layer()
+    with pytest.raises(TypeError, match="lockstep must be a bool or None, got str: 'yes'"):
+        layer(lockstep="yes")
+
+
+def test_lockstep_counts_eval_forwards_in_the_tag():
+    x = batch()[0]
+    plain, strict = layer(), layer(lockstep=True)
+    for bn in (plain, strict):
+        bn(x)                                  # eval
+        bn.set_train()(x)
+    assert plain._saved.tag[1] == 1 and strict._saved.tag[1] == 2
