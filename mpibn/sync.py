@@ -41,10 +41,10 @@ __all__ = ["sync_batch_norm", "sync_batch_norm_backward", "Saved"]
 class Saved:
     """What backward needs from forward (never recomputed in backward).
 
-    x (N, C, L) is kept by reference, with ``fingerprint`` (``mpibn.fingerprint``)
+    x (B, C, L) is kept by reference, with ``fingerprint`` (``mpibn.fingerprint``)
     taken in forward: backward refuses an x modified in place in between.
     ``count`` is the group's total count, or None when the statistics were
-    constants (eval mode, moving statistics): then backward communicates
+    constants (the moving statistics were used): then backward communicates
     nothing.
     """
 
@@ -86,7 +86,8 @@ def sync_batch_norm(x, gamma, beta, *, group_comm, eps=1e-5, training=True, runn
     ``running_var`` (arrays (C,), may be None) are then updated in place
     with MindSpore's momentum convention, only once every check has passed
     on every rank. training=False: ``running_mean``/``running_var`` are the
-    statistics and nothing is communicated.
+    statistics and nothing is communicated. (The layer decides ``training``
+    from ``use_batch_statistics``, not from its mode alone.)
 
     exact=True: mean and variance (and backward's two sums) come from exact
     integer sums carried in the same one Allreduce (``mpibn.sync_exact``),
@@ -96,9 +97,10 @@ def sync_batch_norm(x, gamma, beta, *, group_comm, eps=1e-5, training=True, runn
 
     Returns (y, saved): y has x's shape and dtype (native byte order); ``saved``
     feeds backward. ``exchange`` is an optional preallocated ``comm.RowExchange``
-    (2 rows; for exact=True one made by ``sync_exact.make_exchange(..., exact=True)``),
-    made alike on every rank of the group (a layer makes its own at construction,
-    when the ranks have agreed on num_features). Without one, a training call
+    (two payload vectors of C numbers per row; for exact=True one made by
+    ``sync_exact.make_exchange(..., exact=True)``), made alike on every rank
+    of the group (a layer makes its own at construction, when the ranks
+    have agreed on num_features). Without one, a training call
     first makes one more small Allreduce (2 numbers per rank) so that the ranks
     agree on the channel count and ``exact`` before the buffer's size depends
     on them (``agreed_exchange``): two Allreduces per training forward instead
