@@ -136,6 +136,8 @@ def each(x, vectors, k, body):
     Blocks come in a fixed order, so per-channel sums are reproducible.
     """
     if x.size <= WHOLE:
+        # An empty array (N, H or W is 0: such a rank counts 0 values per
+        # channel, as an empty batch does) has nothing to visit.
         if x.size:
             body(_ALL, [np.asarray(v, np.float64)[:, None] for v in vectors],
                  [buf.reshape(x.shape) for buf in _scratch(k, x.size)])
