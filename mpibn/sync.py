@@ -189,8 +189,9 @@ def batch_statistics(x, problem, exchange, eps, context, tag, running_mean=None,
         _check_finite(rows, group_comm, context)
     if not exact:
         var, unbiased = m2 / total, m2 / (total - 1)
-    new_mean = _moving(running_mean, mean, momentum)
-    new_var = _moving(running_var, unbiased, momentum)
+    with np.errstate(over="ignore"):      # overflow is checked (or asked for) below
+        new_mean = _moving(running_mean, mean, momentum)
+        new_var = _moving(running_var, unbiased, momentum)
     if nonfinite == "raise":
         _check_moving_finite(new_mean, new_var, context)
     # State changes only now, when every check has passed on every rank.
@@ -205,8 +206,8 @@ def _moving(running, batch_stat, momentum):
     """The updated moving statistic, rounded to the dtype it is kept in (None without one)."""
     if running is None:
         return None
-    with np.errstate(over="ignore"):      # overflow is checked (or asked for) by the caller
-        return F.running_update(running, batch_stat, momentum).astype(np.asarray(running).dtype)
+    # (called under errstate(over="ignore"): the caller checks overflow or asks for it)
+    return F.running_update(running, batch_stat, momentum).astype(np.asarray(running).dtype)
 
 
 def _check_moving_finite(new_mean, new_var, context):
