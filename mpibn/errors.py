@@ -140,10 +140,13 @@ def said_once(pairs):
     return "; ".join(f"{ranks_said(ranks)}: {sentence}" for sentence, ranks in by_sentence.items())
 
 
+_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
 def is_float(dtype):
     """float16, float32 or float64, in either byte order (big-endian data is
     accepted; ``mpibn.sync`` converts it to native order once)."""
-    return dtype.newbyteorder("=") in (np.float16, np.float32, np.float64)
+    return dtype in _FLOATS or dtype.newbyteorder("=") in _FLOATS
 
 
 def check_float_array(arr, name, not_array, bad_dtype, subclass):

@@ -104,8 +104,12 @@ def test_a_strided_view_changed_through_its_base_is_caught():
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("contiguous", [True, False])
-def test_fingerprint_sees_any_single_element_change(dtype, contiguous):
+@pytest.mark.parametrize("copy_bytes", [0, None], ids=["sum-and-samples", "default"])
+def test_fingerprint_sees_any_single_element_change(dtype, contiguous, copy_bytes, monkeypatch):
+    from mpibn import fingerprint as fingerprint_module
     from mpibn.fingerprint import fingerprint
+    if copy_bytes is not None:      # small arrays are copied whole by default; test the sum too
+        monkeypatch.setattr(fingerprint_module, "_COPY_BYTES", copy_bytes)
     rng = np.random.default_rng(3)
     full = rng.normal(size=(7, 3, 11)).astype(dtype)
     x3 = full if contiguous else full[:, :, ::2]
