@@ -307,7 +307,7 @@ class RowExchange:
         """
         buf = self.group.buffer()
         row = buf[self.group.rank]
-        row[2:4] = tag
+        row[2], row[3] = tag                           # two scalars: no array made from a tuple
         if problem is not None:
             row[0] = problem.code
             row[4:HEADER] = problem.details
