@@ -168,12 +168,31 @@ class GroupComm:
                 elsewhere = [f"rank {self.ranks[r]} in layer {int(heard[r][0])} call {int(heard[r][1])}"
                              for r, q in receives.items() if self.ranks[r] not in missing
                              and tuple(heard[r]) != tuple(me)]
+                lost = self._silent([r for r in peers if self.ranks[r] not in missing])
                 raise CollectiveTimeout(
                     f"rank {self.ranks[self.rank]} waited {self.debug_timeout} s in layer {tag[0]} "
                     f"call {tag[1]} of group {list(self.ranks)}; never arrived: {missing or 'none'}"
-                    + (f"; in another call: {', '.join(elsewhere)}" if elsewhere else ""))
+                    + (f"; in another call: {', '.join(elsewhere)}" if elsewhere else "")
+                    + (f"; lost (arrived, then silent {_PROBE_GRACE} s after the deadline: dead or "
+                       f"cut off): {lost}" if lost else ""))
             time.sleep(1e-4)
         MPI.Request.Waitall(requests + list(receives.values()))
+
+    def _silent(self, arrived):
+        """Which of the peers that arrived are gone (debug mode, past the deadline).
+
+        They all sent "I am here", yet the reduction did not complete: a
+        rank died or a link failed inside it. Every rank still waiting
+        reaches its deadline too, so each sends every peer a probe; a peer
+        whose probe does not come within _PROBE_GRACE s is reported lost.
+        """
+        sends = [self.comm.Isend(np.zeros(1), dest=r, tag=_PROBE_TAG) for r in arrived]
+        probes = {r: self.comm.Irecv(np.zeros(1), source=r, tag=_PROBE_TAG) for r in arrived}
+        end = time.monotonic() + _PROBE_GRACE
+        while not all(q.Test() for q in probes.values()) and time.monotonic() < end:
+            time.sleep(1e-3)
+        del sends      # a probe to a lost peer never completes; the job is ending anyway
+        return [self.ranks[r] for r, q in probes.items() if not q.Test()]
 
     def release(self):
         """Drop one user; the communicator is freed with its last user."""
@@ -191,6 +210,8 @@ class CollectiveTimeout(RuntimeError):
 
 
 _DEBUG_TAG = 0x6D70   # point-to-point tag of the debug-mode "I am here" messages
+_PROBE_TAG = 0x6D71   # and of the probes sent past a deadline
+_PROBE_GRACE = 2.0    # seconds a rank waits for its peers' probes
 
 # Comm.Split calls made so far (tests check that layers share communicators).
 split_calls = 0

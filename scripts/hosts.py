@@ -103,12 +103,17 @@ def pids_in(ns):
 
 
 def teardown(prefix, grace=5.0):
-    """Kill every process in our namespaces, then delete them and their files."""
+    """Kill every process in our namespaces, then delete them and their files.
+
+    Returns the number of processes that were still alive and had to be killed.
+    """
     names = ours(prefix)
+    killed = 0
     for ns in names:
         for pid in pids_in(ns):
             try:
                 os.kill(pid, signal.SIGKILL)
+                killed += 1
             except ProcessLookupError:
                 pass
     end = time.monotonic() + grace
@@ -119,6 +124,7 @@ def teardown(prefix, grace=5.0):
     for name in os.listdir(ETC_NETNS) if os.path.isdir(ETC_NETNS) else []:
         if name.startswith(prefix + "-"):
             shutil.rmtree(os.path.join(ETC_NETNS, name), ignore_errors=True)
+    return killed
 
 
 def reap_stale():
@@ -258,7 +264,9 @@ def main(argv=None):
         except subprocess.TimeoutExpired:
             print(f"hosts.py: job still running after {args.timeout} s; killed", file=sys.stderr)
             rc = 124
-        return 128 - rc if rc < 0 else rc
+        rc = 128 - rc if rc < 0 else rc
+        print(f"hosts.py: job exited with status {rc}", file=sys.stderr, flush=True)
+        return rc
     except Stop as stopped:
         print(f"hosts.py: {signal.Signals(stopped.signum).name}; tearing down", file=sys.stderr)
         return 128 + stopped.signum
@@ -270,7 +278,10 @@ def main(argv=None):
                 os.killpg(job.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        teardown(prefix)
+        left = teardown(prefix)
+        if left:
+            print(f"hosts.py: teardown killed {left} process(es) still running in the hosts",
+                  file=sys.stderr, flush=True)
         if job is not None:
             job.wait()
         shutil.rmtree(tmp, ignore_errors=True)
