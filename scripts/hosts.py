@@ -102,7 +102,7 @@ def pids_in(ns):
     return [int(p) for p in out.split()]
 
 
-def teardown(prefix, grace=5.0):
+def teardown(prefix, grace=5.0, verbose=False):
     """Kill every process in our namespaces, then delete them and their files.
 
     Returns the number of processes that were still alive and had to be killed.
@@ -112,9 +112,13 @@ def teardown(prefix, grace=5.0):
     for ns in names:
         for pid in pids_in(ns):
             try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    what = f.read().replace(b"\0", b" ").decode(errors="replace")[:100]
                 os.kill(pid, signal.SIGKILL)
                 killed += 1
-            except ProcessLookupError:
+                if verbose:
+                    print(f"hosts.py: killed {pid} in {ns}: {what}", file=sys.stderr, flush=True)
+            except (ProcessLookupError, FileNotFoundError):
                 pass
     end = time.monotonic() + grace
     while any(pids_in(ns) for ns in names) and time.monotonic() < end:
@@ -278,7 +282,7 @@ def main(argv=None):
                 os.killpg(job.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        left = teardown(prefix)
+        left = teardown(prefix, verbose=True)
         if left:
             print(f"hosts.py: teardown killed {left} process(es) still running in the hosts",
                   file=sys.stderr, flush=True)

@@ -17,6 +17,8 @@ at step ``--at``:
 
 * ``partition``: the link goes down and stays down;
 * ``flap``: the link goes down for ``--down`` s (default 2), then up;
+The cutting rank writes the time of the cut to ``DIR/cut``.
+
 * ``when=between``: after every rank finished step at-1 (a Barrier);
   ``when=inside``: 0.2 s after that rank entered step ``at``'s forward
   Allreduce, while the other hosts' ranks are 0.5 s late to it.
@@ -83,6 +85,8 @@ def main():
     def cut():
         cut_at[0] = time.time()
         link("down")
+        with open(os.path.join(args.out, "cut"), "w") as f:
+            f.write(repr(cut_at[0]))
         if args.fault == "flap":
             time.sleep(args.down)
             link("up")
@@ -96,6 +100,7 @@ def main():
             dy = rng.normal(size=x.shape)
             lo = sum(sizes[:rank])
             mine = slice(lo, lo + sizes[rank])
+            started = time.time()
             faulty = step == args.at and args.fault in ("partition", "flap")
             if step == args.at and rank == 0:
                 with open(os.path.join(args.out, "stamp"), "w") as f:
@@ -122,7 +127,8 @@ def main():
                 log.write(f"WRONG step {step}: relative error {err:.3g}\n")
                 world.Abort(2)
             save_checkpoint(bn, os.path.join(args.out, f"rank{rank}-step{step}.npz"), rank=None)
-            log.write(f"step {step} ok {err:.2e} {bn.batch_mean.tobytes().hex()}\n")
+            log.write(f"step {step} ok {err:.2e} {time.time() - started:.2f} s "
+                      f"{bn.batch_mean.tobytes().hex()}\n")
             time.sleep(args.pause)
     except Exception as exc:
         with open(os.path.join(args.out, f"error-rank{rank}.txt"), "w") as f:
