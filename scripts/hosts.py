@@ -50,6 +50,7 @@ import tempfile
 import time
 
 UNAVAILABLE = 77                 # exit status: this machine cannot emulate hosts
+LINGER = 3.0                     # seconds the hosts' processes get to end after mpiexec
 PREFIX_RE = re.compile(r"^mpibn-(\d+)-")
 CAP_NET_ADMIN, CAP_SYS_ADMIN = 12, 21
 ETC_NETNS = "/etc/netns"
@@ -270,6 +271,11 @@ def main(argv=None):
             rc = 124
         rc = 128 - rc if rc < 0 else rc
         print(f"hosts.py: job exited with status {rc}", file=sys.stderr, flush=True)
+        # mpiexec is gone; its proxies end their ranks when they notice. Give them
+        # a moment, so that "teardown killed" below means a process really stayed.
+        end = time.monotonic() + LINGER
+        while any(pids_in(ns) for ns in ours(prefix)) and time.monotonic() < end:
+            time.sleep(0.05)
         return rc
     except Stop as stopped:
         print(f"hosts.py: {signal.Signals(stopped.signum).name}; tearing down", file=sys.stderr)
