@@ -179,12 +179,27 @@ def test_groups_within_and_across_hosts_equal_one_host_bitwise(tmp_path):
 
 
 @hs.needs_hosts
-@pytest.mark.timeout(120)
-def test_demo_across_hosts():
+@pytest.mark.timeout(240)
+def test_demo_and_golden_across_hosts(tmp_path):
+    """``python -m mpibn demo`` and ``golden`` under mpiexec across hosts; the
+    golden files are byte for byte those of one host."""
     rc, text, prefix = run([PY, "-m", "mpi4py", "-m", "mpibn", "demo"], timeout=100)
     assert rc == 0, text
     assert "SyncBatchNorm over 4 ranks" in text
     assert "synced statistics, y and dx equal the concatenated batch's (to 1e-12)" in text
+    assert leftovers(prefix) == []
+    rc, text, prefix = run([PY, "-m", "mpi4py", "-m", "mpibn", "golden", "--out", tmp_path / "hosts"],
+                           timeout=100)
+    assert rc == 0, text
+    single = subprocess.run([PY, "-m", "mpibn", "golden", "--out", str(tmp_path / "one")], cwd=hs.ROOT,
+                            env=hs.clean_env(), capture_output=True, text=True, timeout=100)
+    assert single.returncode == 0, single.stdout + single.stderr
+    files = sorted(str(p.relative_to(tmp_path / "one")) for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert len(files) > 10
+    assert files == sorted(str(p.relative_to(tmp_path / "hosts"))
+                           for p in (tmp_path / "hosts").rglob("*") if p.is_file())
+    differ = [f for f in files if (tmp_path / "one" / f).read_bytes() != (tmp_path / "hosts" / f).read_bytes()]
+    assert differ == []
     assert leftovers(prefix) == []
 
 

@@ -39,7 +39,7 @@ def train(out, *options):
 
 def wait_for(path, harness, timeout=60):
     end = time.monotonic() + timeout
-    while not path.exists():
+    while not (path.exists() and path.read_text().strip()):     # written, not just created
         assert harness.proc.poll() is None and time.monotonic() < end, harness.output
         time.sleep(0.01)
     return float(path.read_text())
@@ -54,7 +54,7 @@ def check_checkpoints(out, rank, steps):
     """Exactly one complete, loadable checkpoint per completed step; no partial files."""
     files = sorted(p.name for p in out.iterdir() if p.name.startswith(f"rank{rank}-step"))
     assert files == sorted(f"rank{rank}-step{k}.npz" for k in steps)
-    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(f".rank{rank}-") and p.name.endswith(".tmp")]
     for k in steps:
         params = load_checkpoint(str(out / f"rank{rank}-step{k}.npz"))
         assert sorted(params) == ["beta", "gamma", "mean", "variance"]
@@ -84,6 +84,11 @@ def test_a_host_dies_and_the_job_ends(tmp_path):
     for rank in (0, 1):
         assert "done" not in (tmp_path / f"rank{rank}.log").read_text()
         check_checkpoints(tmp_path, rank, steps_done(tmp_path, rank))
+    for rank in (2, 3):        # killed, perhaps mid-write: its finished checkpoints are intact
+        done = [k for k in steps_done(tmp_path, rank)]
+        for k in done:
+            assert sorted(load_checkpoint(str(tmp_path / f"rank{rank}-step{k}.npz"))) == \
+                ["beta", "gamma", "mean", "variance"]
     assert leftovers(harness.prefix) == []
 
 
@@ -136,4 +141,21 @@ def test_a_flap_continues_with_correct_numbers(tmp_path, when):
     slow = max(float(lines[3].split()[4]) for lines in logs)
     print(f"flap {when}: all {steps} steps correct; the step with the flap took {slow:.1f} s")
     assert (tmp_path / "cut").exists()
+    assert leftovers(harness.prefix) == []
+
+
+@pytest.mark.timeout(150)
+def test_a_flap_longer_than_the_deadline_fails_cleanly_on_every_rank(tmp_path):
+    """debug_timeout=1 s against a 2 s flap inside a step: every rank raises
+    CollectiveTimeout at step 3, none writes a checkpoint of it."""
+    harness = train(tmp_path, "--fault", "flap", "--when", "inside", "--at", 3, "--steps", 8,
+                    "--debug-timeout", 1)
+    rc = harness.wait(100)
+    assert rc != 0, harness.output
+    for rank in range(4):
+        message = (tmp_path / f"error-rank{rank}.txt").read_text().splitlines()[1]
+        assert message.startswith("CollectiveTimeout: "), message
+        done = steps_done(tmp_path, rank)
+        assert done in ([0, 1, 2], [0, 1, 2, 3]), done     # host2 may finish step 3's forward only
+        check_checkpoints(tmp_path, rank, done)
     assert leftovers(harness.prefix) == []
