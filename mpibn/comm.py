@@ -152,8 +152,9 @@ class GroupComm:
         each rank also tells every peer "I am in (layer, call)" by a small
         point-to-point message, then polls. Past the deadline it raises
         ``CollectiveTimeout`` naming the peers it heard nothing from (and
-        those that are in another call); under ``python -m mpi4py`` that
-        ends the whole job instead of leaving it to hang.
+        those that are in another call, and those that arrived but went
+        silent: ``_silent``); under ``python -m mpi4py`` that ends the whole
+        job instead of leaving it to hang.
         """
         me = np.array(tag, dtype=np.float64)
         peers = [r for r in range(self.size) if r != self.rank]
