@@ -26,10 +26,9 @@ def _parser():
     _add_explain(sub)
     _add_golden_verify(sub)
     bench = sub.add_parser(
-        "bench", help="time mpibn next to torch CPU, naive NumPy and a memory copy (scripts/bench.py)",
-        description="Runs scripts/bench.py of a source checkout (pip install -e .) with the "
-                    "arguments that follow; see docs/performance.md. Everything after 'bench' "
-                    "goes to the script: python -m mpibn bench --help shows its options.",
+        "bench", help="time mpibn next to torch CPU, naive NumPy and a memory copy",
+        description="Runs mpibn.bench with the arguments that follow; see docs/performance.md. "
+                    "Everything after 'bench' goes to it: mpibn bench --help shows its options.",
         add_help=False)
     bench.add_argument("args", nargs=argparse.REMAINDER)
     return parser
@@ -99,20 +98,21 @@ def _add_explain(sub):
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run one training forward and backward of SyncBatchNorm on a tiny batch\n"
                     "(2 channels, uneven shards 3,1,2,0 samples, groups [[0,1],[2,3]], rank 3 empty)\n"
-                    "and print, rank by rank and step by step:\n"
-                    "  1. each rank's shard x\n"
-                    "  2. its local moments n, mean, m2          (functional.batch_norm_stats)\n"
-                    "  3. the exact buffer row it sends to MPI_Allreduce\n"
-                    "  4. the buffer that came back: every row of its group, bit for bit\n"
-                    "  5. the group's N, mean, var, inv_std and moving statistics (merge_stats)\n"
-                    "  6. one element of y worked out by hand      (batch_norm_elemt)\n"
-                    "  7. the backward sums sum(dy), sum(dy*xhat) and the buffer sent\n"
-                    "  8. the sums that came back and one element of dx worked out by hand\n"
-                    "  9. a check against textbook batch norm of each group's concatenated batch\n"
-                    "Relaunches itself under mpiexec when not started by one. The math is\n"
-                    "derived in docs/derivation.md.",
+                    "and print, step by step:\n"
+                    "  1. each rank's shard and local moments n_r, mean_r, m2_r  (batch_norm_stats)\n"
+                    "  2. the forward Allreduce: the table of rows that came back, bit for bit\n"
+                    "  3. the group's N, mean, var, s and moving statistics (merge_stats), next\n"
+                    "     to the mean of the ranks' means, which is wrong\n"
+                    "  4. one element of y worked out by hand      (batch_norm_elemt)\n"
+                    "  5. the backward sums sum(dy), sum(dy*xhat) each rank sent, and the group's\n"
+                    "  6. one element of dx worked out by hand     (batch_norm_backward_elemt)\n"
+                    "  7. a check against textbook batch norm of each group's concatenated batch\n"
+                    "Every number about the exchange is read from the real buffer. Default: channel\n"
+                    "0, each group's table once; --full: everything. Relaunches itself under mpiexec\n"
+                    "when not started by one. The math is derived in docs/derivation.md.",
         epilog="examples:\n"
                "  python -m mpibn explain\n"
+               "  python -m mpibn explain --full                      # every channel and row\n"
                "  python -m mpibn explain --groups '[[0,1,3]]'        # rank 2 in no group\n"
                "  python -m mpibn explain --shards 4,0,1,3 --digits 17  # every bit of the buffer")
     explain.add_argument("-n", "--np", type=int, default=4, help="ranks to launch (default 4)")
@@ -125,12 +125,15 @@ def _add_explain(sub):
     explain.add_argument("--digits", type=int, default=6,
                          help="significant digits printed (default 6; 17 shows every bit)")
     explain.add_argument("--seed", type=int, default=0)
+    explain.add_argument("--full", action="store_true",
+                         help="print every channel and every rank's copy of every buffer")
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:               # every later argument belongs to the script
-        return _bench(argv[1:])
+    if argv[:1] == ["bench"]:               # every later argument belongs to mpibn.bench
+        from . import bench as bench_module
+        return bench_module.main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "demo":
         if args.np < 1:
@@ -167,20 +170,6 @@ def main(argv=None):
         from . import verify as verify_module
         return verify_module.run(args)
     return 2
-
-
-def _bench(args):
-    # The benchmark lives with the sources (it compares against torch and a
-    # naive NumPy version that are not part of the library).
-    import os
-    import subprocess
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                          "scripts", "bench.py")
-    if not os.path.exists(script):
-        print("mpibn bench: scripts/bench.py is not here; it ships with the source checkout "
-              "(git clone, then pip install -e .)", file=sys.stderr)
-        return 2
-    return subprocess.run([sys.executable, script, *args]).returncode
 
 
 if __name__ == "__main__":

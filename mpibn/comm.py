@@ -10,13 +10,15 @@ row per rank of the group, P the group size::
 
     row r = [status_r, count_r, layer_r, call_r, detail_r(8), payload_r(k * C)]
 
-Each rank writes only its own row and leaves the others zero; the Allreduce
-is a SUM. Adding zeros is exact in IEEE arithmetic, so after the reduction
-every rank holds every rank's row *bit for bit*, whatever order or tree the
-MPI library used to add them. The caller then combines the rows in rank
-order itself, so every rank of a group computes bitwise the same statistics
-and reruns are reproducible. The price is P rows instead of one: P * (2C + 10)
-numbers, still nothing next to the activations for any realistic P.
+HEADER = 12 numbers (status, count, layer, call and 8 details), then the
+payload (k = 2 vectors of C numbers for batch norm). Each rank writes only
+its own row and leaves the others zero; the Allreduce is a SUM, which then
+works as an allgather: every rank gets every row unchanged, whatever order
+or tree the MPI library used (only a -0.0 comes back as +0.0), and the
+caller combines the rows in rank order itself. Why that is exact, and why an
+Allreduce rather than an Allgather: docs/derivation.md, section 1. The
+price is P rows instead of one: P * (12 + 2C) numbers, small next to the
+activations for any realistic P.
 
 The count travels in the buffer, so uneven and empty shards combine exactly
 (never divide by the number of ranks). ``status_r`` is non-zero when rank r
@@ -30,9 +32,16 @@ import os
 import time
 
 import numpy as np
-from mpi4py import MPI
 
 from .errors import N_DETAILS, Problem
+
+
+def _mpi():
+    # mpi4py is imported (and MPI initialised) on the first collective, not
+    # at import: mpibn.sync and mpibn.testing import this module and must
+    # run where mpi4py is not installed (mpibn.testing simulates the group).
+    from mpi4py import MPI
+    return MPI
 
 __all__ = ["GroupComm", "RowExchange", "CollectiveTimeout", "group_comm_for",
            "validate_process_groups"]
@@ -138,6 +147,7 @@ class GroupComm:
             return buf
         if self.debug_timeout is None:
             # Uppercase (buffer) Allreduce: no pickling on the hot path.
+            MPI = _mpi()
             self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
         else:
             self._allreduce_with_deadline(buf, tag)
@@ -156,6 +166,7 @@ class GroupComm:
         silent: ``_silent``); under ``python -m mpi4py`` that ends the whole
         job instead of leaving it to hang.
         """
+        MPI = _mpi()
         me = np.array(tag, dtype=np.float64)
         peers = [r for r in range(self.size) if r != self.rank]
         heard = {r: np.zeros(2) for r in peers}
@@ -224,11 +235,14 @@ split_calls = 0
 # Every rank of the parent builds the same layers in the same order, so a
 # hit on one rank is a hit on all: Comm.Split (a collective) is called by
 # all ranks or by none.
-_KEYVAL = MPI.Comm.Create_keyval()
+_KEYVAL = None
 
 
 def group_cache(comm):
     """{canonical process_groups: GroupComm} kept on ``comm``."""
+    global _KEYVAL
+    if _KEYVAL is None:
+        _KEYVAL = _mpi().Comm.Create_keyval()
     cache = comm.Get_attr(_KEYVAL)
     if cache is None:
         cache = {}
@@ -255,6 +269,7 @@ def group_comm_for(comm, process_groups):
 
 
 def _split(comm, groups):
+    MPI = _mpi()
     rank, size = comm.Get_rank(), comm.Get_size()
     if groups is None:
         groups = (tuple(range(size)),)
