@@ -203,7 +203,9 @@ class GroupComm:
         end = time.monotonic() + _PROBE_GRACE
         while not all(q.Test() for q in probes.values()) and time.monotonic() < end:
             time.sleep(1e-3)
-        del sends      # a probe to a lost peer never completes; the job is ending anyway
+        # Probes to and from lost peers never complete: keep them (and their
+        # buffers) alive rather than let MPI write into freed memory.
+        self._abandoned = (sends, probes)
         return [self.ranks[r] for r, q in probes.items() if not q.Test()]
 
     def release(self):
