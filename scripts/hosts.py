@@ -62,7 +62,7 @@ host=$1; shift
 case $host in host[0-9]*) ;; *) echo "hosts.py launcher: unknown host '$host'" >&2; exit 255 ;; esac
 # ssh joins the remote command with spaces and hands it to a shell: so do we.
 exec ip netns exec "@PREFIX@-$host" unshare --uts --ipc --mount --pid --fork --kill-child \
-    --propagation private sh -c 'hostname "$1" && mount -t tmpfs -o mode=1777 tmpfs /dev/shm && exec sh -c "$2"' \
+    --propagation private sh -c 'printf %s "$1" > /proc/sys/kernel/hostname && mount -t tmpfs -o mode=1777 tmpfs /dev/shm && exec sh -c "$2"' \
     sh "$host" "$*"
 """
 
@@ -71,9 +71,9 @@ def why_unavailable():
     """None when hosts can be emulated here, else the reason (one line)."""
     if not sys.platform.startswith("linux"):
         return f"network namespaces need Linux, this is {sys.platform}"
-    missing = [c for c in ("ip", "unshare") if shutil.which(c) is None]
+    missing = [c for c in ("ip", "unshare", "mount") if shutil.which(c) is None]
     if missing:
-        return (f"missing command(s) {', '.join(missing)} (Debian packages iproute2, util-linux)")
+        return (f"missing command(s) {', '.join(missing)} (Debian packages iproute2, util-linux, mount)")
     caps = 0
     with open("/proc/self/status") as f:
         for line in f:
