@@ -14,10 +14,10 @@ from the array's size:
 * **blocked** (bigger arrays): blocks of about ``BLOCK`` values, so that
   the float64 scratch stays in the CPU cache and no full-size float64
   temporary exists (a float32 activation of 8 MiB or more must not grow
-  by more than its own size during a pass). The loop runs over blocks; it
-  is never a loop over single channels or elements (unless one channel of
-  one sample is itself bigger than a block), and every block is handed
-  whole to NumPy.
+  by more than its own size during a pass). The loop runs over blocks of
+  thousands of values, each handed whole to NumPy: it visits channels one
+  by one only when a channel holds at least B / 4 values, and splits a
+  row only when one channel of one sample is bigger than a block.
 
 Block shapes of the blocked plan (nb, cb, lb), with B = BLOCK::
 
@@ -28,7 +28,7 @@ Block shapes of the blocked plan (nb, cb, lb), with B = BLOCK::
 Per-channel vectors (mean, scale, ...) become plain scalars for a
 one-channel block; for a block of several channels they are expanded once
 per channel block to the block's full shape: NumPy adds two same-shape
-arrays about three times as fast as it broadcasts a (cb, 1) column over a
+arrays two to three times as fast as it broadcasts a (cb, 1) column over a
 block, and the expansion is shared by every block of those channels. (The
 whole plan broadcasts instead: each vector is used once per call there, and
 an expansion would cost as much as the broadcast it saves.)
