@@ -70,7 +70,7 @@ CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 
-def best_of(candidates, rounds, barrier=None, agree=None, clock=time.perf_counter):
+def best_of(candidates, rounds, barrier=None, agree=None, clock=time.perf_counter, sample=SAMPLE_S):
     """{name: best seconds per call}: rounds of interleaved batches of calls.
 
     Under MPI, ``agree`` makes every rank use rank 0's batch sizes (a
@@ -80,7 +80,7 @@ def best_of(candidates, rounds, barrier=None, agree=None, clock=time.perf_counte
         fn()                                           # warm-up: caches, plans, buffers
         t0 = clock()
         fn()
-        inner[name] = max(1, int(SAMPLE_S / max(clock() - t0, 1e-6)))
+        inner[name] = max(1, int(sample / max(clock() - t0, 1e-6)))
     if agree:
         inner = agree(inner)
     best = {name: math.inf for name in candidates}
@@ -124,7 +124,7 @@ def conversion_floor(x, dy):
     return floor
 
 
-def cell(shape, dtype, torch, functional, rounds, clock):
+def cell(shape, dtype, torch, functional, rounds, clock, sample=SAMPLE_S):
     x, dy = B.data(shape, dtype)
     bn = B.layer(shape[1], dtype)
     gamma, beta = bn.gamma.data.copy(), bn.beta.data.copy()
@@ -137,7 +137,7 @@ def cell(shape, dtype, torch, functional, rounds, clock):
             note = f"torch: {str(e).splitlines()[0]}"
     if dtype == "float16":
         cands["floor"] = conversion_floor(x, dy)
-    t = best_of(cands, rounds, clock=clock)
+    t = best_of(cands, rounds, clock=clock, sample=sample)
     bn.close()
     plan = blocks.plan((shape[0], shape[1], int(np.prod(shape[2:], dtype=int))))
     out = {"shape": list(shape), "dtype": dtype, "plan": plan if plan == "whole" else list(plan),
@@ -295,7 +295,8 @@ def run_grid(args, argv):
     todo = [(s, d) for s in shapes for d in dtypes]
     cells = []
     for i, (shape, dtype) in enumerate(todo):
-        c = cell(shape, dtype, torch, functional, args.repeats, CLOCKS[args.clock])
+        c = cell(shape, dtype, torch, functional, args.repeats, CLOCKS[args.clock],
+                 SAMPLE_S / 10 if args.smoke else SAMPLE_S)
         cells.append(c)
         ratio = f" ({c['ratio']:.2f}x torch)" if c["ratio"] else ""
         B.progress(f"[{i + 1}/{len(todo)}] {shape} {dtype}: mpibn {c['mpibn_s'] * 1e6:.0f} us{ratio}")
