@@ -196,7 +196,7 @@ class Checks:
 
 
 def reference(x, dy, gamma, beta, eps):
-    """Textbook batch norm of a whole (N, C) batch in float64, written out
+    """Textbook batch norm of a whole (B, C) batch in float64, written out
     independently of mpibn.functional: (y, dx, mean, var)."""
     mean = x.mean(axis=0)
     var = ((x - mean) ** 2).mean(axis=0)
