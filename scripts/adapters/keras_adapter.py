@@ -365,8 +365,8 @@ def main(argv=None):
             print(f"{name}: {status['failed']}", flush=True)
         runs[name] = status
     if args.report:
-        command = (f"python scripts/adapters/keras_adapter.py GOLDEN OUT --keras {args.keras} "
-                   f"--report {args.report}  (GOLDEN from: python -m mpibn golden --out GOLDEN)")
+        command = (f"python -m mpibn golden --out {args.golden} && "
+                   f"python scripts/adapters/keras_adapter.py {' '.join(argv if argv is not None else sys.argv[1:])}")
         doc = report(args, manifest, data, runs, versions(args.keras), command)
         os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
         with open(args.report, "w") as f:
