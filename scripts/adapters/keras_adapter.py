@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Keras on an mpibn golden set: ``BatchNormalization(synchronized=True)`` under ``MirroredStrategy``.
 
-    python scripts/adapters/keras_adapter.py GOLDEN OUT --keras 3 [--report docs/conformance/keras3.json]
-    python scripts/adapters/keras_adapter.py GOLDEN OUT --keras 2 [--report docs/conformance/tf-keras.json]
-    python -m mpibn verify GOLDEN OUT --skip-missing
+    python scripts/adapters/keras_adapter.py GOLDEN OUT --keras 3      # Keras 3
+    python scripts/adapters/keras_adapter.py GOLDEN OUT --keras 2      # tf_keras (Keras 2)
+    python -m mpibn verify GOLDEN OUT
 
 ``--keras 3`` is Keras 3 (``import keras``, TensorFlow backend), ``--keras 2``
 is tf_keras (Keras 2, ``import tf_keras``). Both run on one CPU split into
@@ -34,11 +34,14 @@ read is recorded in ``OUT/<scenario>/keras_diag.json``).
 
 Keras has no process groups. A scenario with groups is run as one
 MirroredStrategy (one subprocess) per group, which is what a Keras user
-would have to do; the report marks it "unsupported" and keeps the numbers.
+would have to do; the report marks it "unsupported" and keeps the numbers
+(scripts/conformance/notes/keras3.json).
 
-``--report PATH`` also writes the conformance JSON (format in the
-project's conformance notes; errors are normwise 2-norm relative errors
-against GOLDEN, verdicts at ``verify``'s tolerance).
+The conformance columns (docs/conformance/keras3.json, tf-keras.json) are
+OUT scored by ``scripts/conformance/column.py`` with ``--peer-moving-var
+biased --peer-stats-dtype float32``; the commands are in
+docs/conformance/keras3.md. A scenario that crashes or hangs writes nothing
+(the exit status is then 1 and the message names it).
 
 Needs TensorFlow (CPU) and keras / tf_keras, which mpibn does not install;
 see docs/conformance/keras3.md for the exact commands.
@@ -46,6 +49,7 @@ see docs/conformance/keras3.md for the exact commands.
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -55,15 +59,6 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from common import load, uses_batch_statistics, write  # noqa: E402
-
-COLUMNS = {"3": ("keras3", "Keras 3 BatchNormalization(synchronized=True) under tf.distribute.MirroredStrategy"),
-           "2": ("tf-keras", "tf_keras (Keras 2) BatchNormalization(synchronized=True) under "
-                             "tf.distribute.MirroredStrategy")}
-CONVENTION = ("momentum = weight of the OLD value (same as MindSpore); moving variance takes the BIASED batch "
-              "variance; batch statistics E[x^2] - E[x]^2 of all-reduced sums clamped at 0 (float32 for "
-              "float16/float32 input); dx = gradient of the sum of the replicas' losses, dgamma/dbeta "
-              "each replica's share (same as mpibn)")
-REPORTED = ("y", "dx", "batch_var", "moving_var")
 
 
 def hide_mpi_env(env):
@@ -182,125 +177,6 @@ def worker(args):
     return 0
 
 
-# ----------------------------------------------------------------------------- conformance report
-
-def normwise(actual, ref):
-    """||actual - ref||_2 / ||ref||_2 over all ranks (plain ||.||_2 where ref is 0); NaN/Inf -> inf."""
-    a = np.concatenate([np.ravel(v).astype(np.float64) for v in actual])
-    e = np.concatenate([np.ravel(v).astype(np.float64) for v in ref])
-    with np.errstate(invalid="ignore", over="ignore"):
-        d = np.linalg.norm(a - e)
-    if not np.isfinite(d):
-        return float("inf")
-    n = np.linalg.norm(e)
-    return float(d / n if n > 0 else d)
-
-
-def within_tolerance(actual, ref):
-    """verify's criterion: max|r - e| <= 32 eps(result dtype) * max|e| over all ranks."""
-    from mpibn.verify import compare
-    worst, scale, dt = 0.0, 0.0, np.dtype(np.float64)
-    for a, e in zip(actual, ref):
-        d, sc, _, dt = compare(np.asarray(e), np.asarray(a))
-        worst, scale = max(worst, d), max(scale, sc)
-    return worst <= 32 * np.finfo(dt).eps * scale
-
-
-def biased_moving_var(golden_rank, s):
-    """The golden moving variance recomputed with Keras' convention: the BIASED batch variance."""
-    mv, m = golden_rank["moving_var0"].astype(np.float64), s["momentum"]
-    if not uses_batch_statistics(s):
-        return np.stack([mv, mv])
-    steps = []
-    for t in range(2):
-        mv = m * mv + (1.0 - m) * golden_rank["batch_var"][t]
-        steps.append(mv)
-    return np.stack(steps)
-
-
-def judge(name, s, golden_ranks, out):
-    """(verdict, errors, errors_peer_convention, failing quantities) of one scenario's results."""
-    keys = s["outputs"]
-    res = []
-    for r in range(len(golden_ranks)):
-        with np.load(os.path.join(out, name, f"rank{r}.npz")) as npz:
-            res.append({k: npz[k] for k in npz.files})
-    errors = {q: (normwise([x[q] for x in res], [g[q] for g in golden_ranks]) if q in keys else None)
-              for q in REPORTED}
-    failing = [q for q in keys if not within_tolerance([x[q] for x in res], [g[q] for g in golden_ranks])]
-    peer_ref = [biased_moving_var(g, s) for g in golden_ranks]
-    peer = dict(errors, moving_var=normwise([x["moving_var"] for x in res], peer_ref))
-    peer_failing = [q for q in failing if q != "moving_var"]
-    if "moving_var" in failing and not within_tolerance([x["moving_var"] for x in res], peer_ref):
-        peer_failing.append("moving_var")
-    if not failing:
-        verdict = "pass"
-    elif not peer_failing:
-        verdict = "convention"
-    else:
-        verdict = "defect"
-    return verdict, errors, peer, failing, peer_failing
-
-
-def report(args, manifest, data, runs, keras_versions, command):
-    column, framework = COLUMNS[args.keras]
-    golden_note = (f"mpibn golden format {manifest['format']} v{manifest['format_version']}, "
-                   f"mpibn {manifest['mpibn_version']}, {manifest['ranks']} ranks, "
-                   f"statistics {manifest['statistics_mode']}")
-    scen = {}
-    for name, s in manifest["scenarios"].items():
-        status = runs[name]
-        grouped = s["process_groups"] is not None
-        entry = {"verdict": None, "errors": {q: None for q in REPORTED},
-                 "errors_peer_convention": {q: None for q in REPORTED}, "note": ""}
-        if status["failed"]:
-            entry["verdict"] = "error"
-            entry["note"] = status["failed"]
-            scen[name] = entry
-            continue
-        verdict, errors, peer, failing, peer_failing = judge(name, s, data[name], args.out)
-        entry["errors"], entry["errors_peer_convention"] = errors, peer
-        notes = []
-        if failing:
-            notes.append(f"outside verify's tolerance (32 eps of the result dtype, max-norm): {', '.join(failing)}")
-            if verdict == "convention":
-                notes.append("all within it under Keras' convention (biased moving variance)")
-            else:
-                notes.append(f"still outside under Keras' convention: {', '.join(peer_failing)} "
-                             f"(see the bug reports in docs/conformance/{column}.md)")
-        if grouped:
-            notes.insert(0, f"Keras has no process groups; numbers from one MirroredStrategy per group "
-                            f"{sorted({tuple(g) for g in s['groups_of_rank']})}, one process each "
-                            f"(measured verdict of that emulation: {verdict})")
-            verdict = "unsupported"
-        if status.get("diag"):
-            notes.append(status["diag"])
-        entry["verdict"] = verdict
-        entry["note"] = "; ".join(notes)
-        scen[name] = entry
-    return {"column": column, "framework": framework, "runnable": True, "versions": keras_versions,
-            "command": command, "golden": golden_note, "convention": CONVENTION, "scenarios": scen}
-
-
-def versions(version):
-    """Versions as the worker's interpreter sees them (one short subprocess)."""
-    code = ("import json, numpy, importlib.metadata as m\n"
-            "out = {}\n"
-            "for d in ('tensorflow-cpu', 'tensorflow', 'keras', 'tf_keras', 'numpy', 'mpibn'):\n"
-            "    try: out[d] = m.version(d)\n"
-            "    except m.PackageNotFoundError: pass\n"
-            "import platform; out['python'] = platform.python_version()\n"
-            "print(json.dumps(out))\n")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env=hide_mpi_env(os.environ))
-    v = json.loads(run.stdout)
-    if version == "3":
-        v.pop("tf_keras", None)
-    else:
-        v.pop("keras", None)
-    return v
-
-
 def diag_note(out, name):
     """A sentence when a cross-replica read of the moving statistics differs from the local copies."""
     worst = 0.0
@@ -323,7 +199,6 @@ def main(argv=None):
     parser.add_argument("--keras", choices=["3", "2"], required=True, help="3: keras 3.x; 2: tf_keras")
     parser.add_argument("--scenarios", help="comma-separated subset (default: all of the golden set)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per scenario process")
-    parser.add_argument("--report", help="write the conformance JSON here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--scenario", help=argparse.SUPPRESS)
     parser.add_argument("--members", help=argparse.SUPPRESS)
@@ -335,8 +210,6 @@ def main(argv=None):
     unknown = [n for n in names if n not in manifest["scenarios"]]
     if unknown:
         sys.exit(f"keras_adapter: --scenarios {unknown} not in {args.golden}")
-    if args.report and names != list(manifest["scenarios"]):
-        sys.exit("keras_adapter: --report needs the full golden set (no --scenarios)")
     runs = {}
     env = hide_mpi_env(os.environ)
     for name in names:
@@ -362,23 +235,17 @@ def main(argv=None):
         if not status["failed"]:
             status["diag"] = diag_note(args.out, name)
         else:
+            # A half-written scenario (one group done, the next crashed) must not be scored.
+            shutil.rmtree(os.path.join(args.out, name), ignore_errors=True)
             print(f"{name}: {status['failed']}", flush=True)
         runs[name] = status
-    if args.report:
-        command = (f"python -m mpibn golden --out {args.golden} && "
-                   f"python scripts/adapters/keras_adapter.py {' '.join(argv if argv is not None else sys.argv[1:])}")
-        doc = report(args, manifest, data, runs, versions(args.keras), command)
-        os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
-        with open(args.report, "w") as f:
-            json.dump(doc, f, indent=2, allow_nan=True)
-            f.write("\n")
-        print(f"conformance: {args.report}")
-        for name, e in doc["scenarios"].items():
-            print(f"  {name}: {e['verdict']}")
     failed = [n for n, st in runs.items() if st["failed"]]
     print(f"keras {'3' if args.keras == '3' else '2 (tf_keras)'}: {len(names) - len(failed)} of {len(names)} "
           f"scenarios written to {args.out}" + (f"; failed: {failed}" if failed else ""))
-    return 0
+    for name, st in runs.items():
+        if st.get("diag"):
+            print(f"note: {name}: {st['diag']}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
