@@ -43,8 +43,8 @@ biased --peer-stats-dtype float32``; the commands are in
 docs/conformance/keras3.md. A scenario that crashes or hangs writes nothing
 (the exit status is then 1 and the message names it).
 
-Needs TensorFlow (CPU) and keras / tf_keras, which mpibn does not install;
-see docs/conformance/keras3.md for the exact commands.
+Needs TensorFlow and keras / tf_keras (the ``keras`` extra: ``pip install
+'mpibn[keras]'``, pinned); docs/conformance/keras3.md has the commands.
 """
 import argparse
 import json
@@ -77,7 +77,7 @@ def import_keras(version):
         else:
             import tf_keras as keras
     except ImportError as exc:
-        sys.exit(f"keras_adapter: {exc} (pip install tensorflow-cpu {'keras' if version == '3' else 'tf_keras'}; "
+        sys.exit(f"keras_adapter: {exc} (pip install 'mpibn[keras]': tensorflow, keras and tf_keras, pinned; "
                  f"see docs/conformance/keras3.md)")
     if version == "3" and not keras.__version__.startswith("3"):
         sys.exit(f"keras_adapter: --keras 3 found keras {keras.__version__}")
