@@ -30,7 +30,7 @@ replica's own share, as in mpibn. batch_mean/batch_var come from the
 layer's own moments method called in the same replica step. Moving
 statistics are each replica's local copy (tf_keras keeps them
 ``ON_READ``/``MEAN``: a cross-replica read is the mean of the copies; that
-read is recorded in ``OUT/<scenario>/keras_diag.json``).
+read is recorded in ``OUT/<scenario>/keras_diag_<first rank of the group>.json``).
 
 Keras has no process groups. A scenario with groups is run as one
 MirroredStrategy (one subprocess) per group, which is what a Keras user
