@@ -32,6 +32,13 @@ The knobs:
     What a rank gets as dgamma and dbeta: ``"own"`` (the sum over its own
     samples, mpibn) or ``"group_mean"`` (the group's sum divided by the
     number of ranks in the group, ChainerMN).
+``stats_dtype``
+    ``None``: statistics in float64. ``"float32"``: the batch mean and
+    variance, and the moving statistics after each update, rounded to
+    float32, as a framework that holds its statistics in float32 parameters
+    must (torch CPU, MindSpore, ChainerMN's default). With |mean| >> std that
+    rounding alone moves y by up to ulp(mean) / std: a limit of the format,
+    not a defect of the kernel.
 """
 import json
 import os
@@ -53,7 +60,7 @@ def _expand(v, ndim):
     return v.reshape((1, -1) + (1,) * (ndim - 2))
 
 
-def reference(s, ranks, weights="count", moving_var_count="group", grad_share="own"):
+def reference(s, ranks, weights="count", moving_var_count="group", grad_share="own", stats_dtype=None):
     """[{quantity: (2, ...) float64}] per rank: the scenario recomputed in float64 under the knobs."""
     out = [{k: [] for k in s["outputs"]} for _ in ranks]
     training = uses_batch_statistics(s)
@@ -84,6 +91,8 @@ def reference(s, ranks, weights="count", moving_var_count="group", grad_share="o
                         var = sum(((x[sl[r]] - _expand(mean, nd)) ** 2).mean(axis=axes) for r in members) / p
                         w = np.concatenate([np.full(sl[r].stop - sl[r].start, 1.0 / np.float64(p * counts[r]))
                                             for r in members])
+                    if stats_dtype:
+                        mean, var = (v.astype(stats_dtype).astype(np.float64) for v in (mean, var))
                     inv_std = 1.0 / np.sqrt(var + eps)
                     xhat = (x - _expand(mean, nd)) * _expand(inv_std, nd)
                     sum_dy, sum_dyx = dy.sum(axis=axes), (dy * xhat).sum(axis=axes)
@@ -118,6 +127,8 @@ def reference(s, ranks, weights="count", moving_var_count="group", grad_share="o
                         unbiased = var * n / (n - 1.0) if n > 1 else var
                     mm[r] = mom * mm[r] + (1 - mom) * mean
                     mv[r] = mom * mv[r] + (1 - mom) * unbiased
+                    if stats_dtype:
+                        mm[r], mv[r] = (v.astype(stats_dtype).astype(np.float64) for v in (mm[r], mv[r]))
                 if "batch_mean" in o:
                     o["batch_mean"].append(mean.copy())
                     o["batch_var"].append(var.copy())
