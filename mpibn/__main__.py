@@ -26,10 +26,9 @@ def _parser():
     _add_explain(sub)
     _add_golden_verify(sub)
     bench = sub.add_parser(
-        "bench", help="time mpibn next to torch CPU, naive NumPy and a memory copy (scripts/bench.py)",
-        description="Runs scripts/bench.py of a source checkout (pip install -e .) with the "
-                    "arguments that follow; see docs/performance.md. Everything after 'bench' "
-                    "goes to the script: python -m mpibn bench --help shows its options.",
+        "bench", help="time mpibn next to torch CPU, naive NumPy and a memory copy",
+        description="Runs mpibn.bench with the arguments that follow; see docs/performance.md. "
+                    "Everything after 'bench' goes to it: mpibn bench --help shows its options.",
         add_help=False)
     bench.add_argument("args", nargs=argparse.REMAINDER)
     return parser
@@ -129,8 +128,9 @@ def _add_explain(sub):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:               # every later argument belongs to the script
-        return _bench(argv[1:])
+    if argv[:1] == ["bench"]:               # every later argument belongs to mpibn.bench
+        from . import bench as bench_module
+        return bench_module.main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "demo":
         if args.np < 1:
@@ -167,20 +167,6 @@ def main(argv=None):
         from . import verify as verify_module
         return verify_module.run(args)
     return 2
-
-
-def _bench(args):
-    # The benchmark lives with the sources (it compares against torch and a
-    # naive NumPy version that are not part of the library).
-    import os
-    import subprocess
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                          "scripts", "bench.py")
-    if not os.path.exists(script):
-        print("mpibn bench: scripts/bench.py is not here; it ships with the source checkout "
-              "(git clone, then pip install -e .)", file=sys.stderr)
-        return 2
-    return subprocess.run([sys.executable, script, *args]).returncode
 
 
 if __name__ == "__main__":

@@ -1,0 +1,421 @@
+"""``mpibn bench``: how fast is mpibn's SyncBatchNorm, next to what else one could run?
+
+    mpibn bench                  # everything; relaunches itself under mpiexec -n 2, 4
+    mpibn bench --np             # single process only
+    mpibn bench --quick          # fewer repeats, for a first look
+    mpibn bench --smoke          # tiny shapes, no MPI, no torch: checks that it runs
+
+For each shape it times, in the same process and interleaved (one repeat
+of each candidate in turn, so that load from other programs hits all of
+them alike), after warm-up, the median of ``--repeats`` runs of:
+
+* mpibn: ``SyncBatchNorm`` forward, backward and both (training);
+  ``exact=True`` too when the layer has that option;
+* torch: CPU ``F.batch_norm`` (training) forward+backward, when torch is
+  installed, with ``--threads`` threads (default 1, as NumPy's element-wise
+  work: the like-for-like comparison);
+* naive: a straightforward NumPy batch norm as a student would write it
+  (in the input dtype, xhat kept for backward; ``naive_forward`` below);
+* copy: ``np.copyto`` of the input into a preallocated array;
+
+and the peak temporary memory of one forward and one backward (tracemalloc,
+beyond the returned y or dx) as a multiple of the input's size.
+
+Under ``mpiexec -n P`` (run by the parent) every rank takes 1/P of the
+batch and times the synced layer against the same layer alone on that
+shard (``comm=COMM_SELF``), in the same run: the ratio is what the
+group's one Allreduce per pass costs. Results go to performance.json and
+a PNG plot in ``--out`` (default: docs/ of the source checkout mpibn runs
+from, else the current directory; a ``--smoke`` run writes to a new
+temporary directory unless given ``--out``, so that it never replaces
+the committed numbers); a progress line goes to stderr.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+
+import numpy as np
+
+from mpibn import blocks
+from mpibn.launch import find_mpiexec
+
+SHAPES = [((32, 64, 56, 56), "float32"), ((256, 1024), "float32"),
+          ((8, 256, 28, 28), "float64"), ((16, 64, 28, 28), "float16")]
+SMOKE_SHAPES = [((4, 3, 5, 5), "float32"), ((6, 4), "float16")]
+MPI_SHAPES = [((32, 64, 56, 56), "float32"), ((256, 1024), "float32")]
+YIELD_ENV = {"MPIR_CVAR_ENABLE_HEAVY_YIELD": "1"}
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+# The source checkout this module runs from, if any (pip install -e .).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARGS = None
+torch = None
+TF = None
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="mpibn bench", description=__doc__.split("\n")[0].strip("`: "),
+                                epilog="See docs/performance.md for what is measured and the last results.")
+    p.add_argument("--np", type=int, nargs="*", default=[2, 4],
+                   help="rank counts to relaunch under mpiexec (none: single process only)")
+    p.add_argument("--repeats", type=int, default=15, help="timed repeats per candidate (median)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads for torch and BLAS (mpibn's element-wise NumPy work is single-threaded)")
+    p.add_argument("--quick", action="store_true", help="3 repeats, 1 warm-up")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, no MPI, no torch: checks the script")
+    p.add_argument("--out", default=None,
+                   help="folder for performance.json / performance.png (default: docs/ of the source "
+                        "checkout, else the current directory; --smoke: a new temporary directory)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)   # set by the parent under mpiexec
+    args = p.parse_args(argv)
+    if args.quick:
+        args.repeats, args.warmup = 3, 1
+    if args.smoke:
+        args.repeats, args.warmup, args.np = 2, 1, []
+    return args
+
+
+def load_torch():
+    """torch and torch.nn.functional, with --threads threads; (None, None) without torch."""
+    if ARGS.smoke:
+        return None, None
+    try:
+        import torch as torch_module
+        import torch.nn.functional as functional
+    except ImportError:
+        return None, None
+    torch_module.set_num_threads(ARGS.threads)
+    return torch_module, functional
+
+
+def progress(text):
+    sys.stderr.write(f"\r\033[K{text}")
+    sys.stderr.flush()
+
+
+# -- the straightforward NumPy version: the baseline a student would write ----------
+
+def naive_forward(x, gamma, beta, eps=1e-5):
+    axes = (0,) + tuple(range(2, x.ndim))
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    mean = x.mean(axis=axes, keepdims=True)
+    var = x.var(axis=axes, keepdims=True)
+    xhat = (x - mean) / np.sqrt(var + eps)
+    return gamma.reshape(shape) * xhat + beta.reshape(shape), (xhat, var, gamma.reshape(shape), eps)
+
+
+def naive_backward(dy, cache):
+    xhat, var, gamma, eps = cache
+    axes = (0,) + tuple(range(2, dy.ndim))
+    n = dy.size // dy.shape[1]
+    dbeta = dy.sum(axis=axes, keepdims=True)
+    dgamma = (dy * xhat).sum(axis=axes, keepdims=True)
+    dx = gamma / np.sqrt(var + eps) * (dy - dbeta / n - xhat * dgamma / n)
+    return dx, dgamma.ravel(), dbeta.ravel()
+
+
+# -- timing -------------------------------------------------------------------------
+
+def interleaved(candidates, repeats, warmup, barrier=None):
+    """{name: median seconds}: each repeat runs every candidate once, in turn."""
+    times = {name: [] for name in candidates}
+    for i in range(warmup + repeats):
+        for name, fn in candidates.items():
+            if barrier:
+                barrier()
+            t0 = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def peak_temp(fn, keep_bytes):
+    """Peak bytes allocated while fn runs, less keep_bytes (its result)."""
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    base = tracemalloc.get_traced_memory()[0]
+    out = fn()
+    peak = tracemalloc.get_traced_memory()[1] - base
+    tracemalloc.stop()
+    del out
+    return max(0, peak - keep_bytes)
+
+
+def data(shape, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    x = (3.0 + 2.0 * rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    return x, dy
+
+
+def has_exact():
+    import inspect
+    from mpibn.layer import SyncBatchNorm
+    return "exact" in inspect.signature(SyncBatchNorm).parameters
+
+
+def layer(channels, dtype, comm=None, **kw):
+    from mpi4py import MPI
+    from mpibn.layer import SyncBatchNorm
+    bn = SyncBatchNorm(channels, dtype=dtype, comm=comm or MPI.COMM_SELF, **kw).set_train(True)
+    bn.gamma.data[...] = np.linspace(0.5, 1.5, channels)
+    bn.beta.data[...] = np.linspace(-0.2, 0.2, channels)
+    return bn
+
+
+def bench_shape(shape, dtype, label):
+    x, dy = data(shape, dtype)
+    channels = shape[1]
+    bn = layer(channels, dtype)
+    out = np.empty_like(x)
+    gamma, beta = bn.gamma.data.copy(), bn.beta.data.copy()
+
+    split = {"fwd": [], "bwd": []}
+
+    def step():
+        t0 = time.perf_counter()
+        bn(x)
+        t1 = time.perf_counter()
+        bn.backward(dy)
+        split["fwd"].append(t1 - t0)
+        split["bwd"].append(time.perf_counter() - t1)
+
+    cands = {"mpibn": step,
+             "copy": lambda: np.copyto(out, x),
+             "naive": lambda: naive_backward(dy, naive_forward(x, gamma, beta)[1])}
+    if torch is not None:
+        try:
+            xt = torch.from_numpy(x).requires_grad_()
+            gt, bt = torch.from_numpy(gamma).requires_grad_(), torch.from_numpy(beta).requires_grad_()
+            dyt = torch.from_numpy(dy)
+            TF.batch_norm(xt, None, None, gt, bt, training=True).backward(dyt)
+            cands["torch"] = lambda: TF.batch_norm(xt, None, None, gt, bt, training=True).backward(dyt)
+        except RuntimeError as e:          # e.g. no float16 batch norm on this CPU build
+            print(f"\n  torch skipped for {label}: {str(e).splitlines()[0]}", file=sys.stderr)
+    progress(f"{label}: timing {', '.join(cands)} ...")
+    t = interleaved(cands, ARGS.repeats, ARGS.warmup)
+    if has_exact():     # slow (exact sums): a few repeats of its own, not interleaved
+        progress(f"{label}: timing exact=True ...")
+        ex = layer(channels, dtype, exact=True)
+        t["mpibn_exact"] = interleaved({"exact": lambda: (ex(x), ex.backward(dy))},
+                                       min(3, ARGS.repeats), 1)["exact"]
+        ex.close()
+    # forward and backward apart, from the same interleaved runs (warm-up dropped)
+    t["mpibn_fwd"], t["mpibn_bwd"] = (float(np.median(split[k][ARGS.warmup:])) for k in ("fwd", "bwd"))
+    progress(f"{label}: peak temporary memory ...")
+    mem = {"mpibn_fwd": peak_temp(lambda: bn(x), x.nbytes) / x.nbytes}
+    mem["mpibn_bwd"] = peak_temp(lambda: bn.backward(dy), x.nbytes) / x.nbytes
+    cache = naive_forward(x, gamma, beta)[1]
+    mem["naive_fwd"] = peak_temp(lambda: naive_forward(x, gamma, beta), x.nbytes) / x.nbytes
+    mem["naive_bwd"] = peak_temp(lambda: naive_backward(dy, cache), x.nbytes) / x.nbytes
+    bn.close()
+    return {"shape": list(shape), "dtype": dtype, "times_s": t, "peak_temp_x_input": mem}
+
+
+# -- under mpiexec: weak scaling ------------------------------------------------------
+
+def worker(path):
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    results = []
+    for shape, dtype in MPI_SHAPES:
+        share = (shape[0] // size,) + tuple(shape[1:])
+        x, dy = data(share, dtype, seed=rank)
+        synced, alone = layer(shape[1], dtype, comm=comm), layer(shape[1], dtype)
+        before = synced.group_comm.allreduce_calls
+        t = interleaved({"synced": lambda: (synced(x), synced.backward(dy)),
+                         "alone": lambda: (alone(x), alone.backward(dy))},
+                        ARGS.repeats, ARGS.warmup, barrier=comm.Barrier)
+        calls = synced.group_comm.allreduce_calls - before
+        per_rank = comm.gather(t, root=0)
+        if rank == 0:
+            results.append({"shape": list(shape), "share": list(share), "dtype": dtype, "ranks": size,
+                            "oversubscribed": size > os.cpu_count(),
+                            "synced_s": max(r["synced"] for r in per_rank),
+                            "alone_s": max(r["alone"] for r in per_rank),
+                            "allreduce_per_step": calls / (ARGS.warmup + ARGS.repeats)})
+        synced.close()
+        alone.close()
+    if rank == 0:
+        with open(path, "w") as f:
+            json.dump(results, f)
+
+
+def relaunch(nprocs):
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    cmd = [find_mpiexec(), "-n", str(nprocs), sys.executable, "-m", "mpi4py", "-m", "mpibn.bench",
+           "--worker", path, "--repeats", str(ARGS.repeats), "--warmup", str(ARGS.warmup),
+           "--threads", str(ARGS.threads)]
+    progress(f"mpiexec -n {nprocs}: weak scaling ...")
+    # MPICH's waiting ranks poll without yielding: on a machine with more
+    # ranks (or other busy programs) than cores, a waiting rank would hold a
+    # core that a rank still computing needs. Ask it to yield (MPICH only).
+    env = dict(os.environ, **YIELD_ENV)
+    try:
+        rc = subprocess.run(cmd, timeout=900, env=env).returncode
+        with open(path) as f:
+            return json.load(f) if rc == 0 else []
+    finally:
+        os.unlink(path)
+
+
+# -- report -----------------------------------------------------------------------------
+
+def table(results, scaling):
+    lines = []
+    head = (f"{'shape':>20} {'dtype':>8} | {'fwd':>7} {'bwd':>7} {'fwd+bwd':>8} ms | {'torch':>7} "
+            f"{'naive':>7} {'copy':>6} ms | {'/torch':>6} {'/naive':>6} {'/copy':>6} | mem fwd bwd")
+    lines += [head, "-" * len(head)]
+    for r in results:
+        t, m = r["times_s"], r["peak_temp_x_input"]
+        ms = {k: v * 1e3 for k, v in t.items()}
+        torch_ms = f"{ms['torch']:7.2f}" if "torch" in ms else "    n/a"
+        ratio_t = f"{t['mpibn'] / t['torch']:6.2f}" if "torch" in t else "   n/a"
+        lines.append(f"{str(tuple(r['shape'])):>20} {r['dtype']:>8} | {ms['mpibn_fwd']:7.2f} "
+                     f"{ms['mpibn_bwd']:7.2f} {ms['mpibn']:8.2f}    | {torch_ms} {ms['naive']:7.2f} "
+                     f"{ms['copy']:6.2f}    | {ratio_t} {t['mpibn'] / t['naive']:6.2f} "
+                     f"{t['mpibn'] / t['copy']:6.2f} | {m['mpibn_fwd']:4.2f} {m['mpibn_bwd']:4.2f}"
+                     + (f" | exact=True {ms['mpibn_exact']:.2f} ms ({t['mpibn_exact'] / t['mpibn']:.2f}x)"
+                        if "mpibn_exact" in t else ""))
+    if scaling:
+        lines += ["", "weak scaling (each rank 1/P of the batch; slowest rank; synced vs the same "
+                      "layer alone on its shard, same run):"]
+        for s in scaling:
+            lines.append(f"  P={s['ranks']} {str(tuple(s['share'])):>20} {s['dtype']}: synced "
+                         f"{s['synced_s'] * 1e3:8.2f} ms, alone {s['alone_s'] * 1e3:8.2f} ms, ratio "
+                         f"{s['synced_s'] / s['alone_s']:.2f}, Allreduce per fwd+bwd "
+                         f"{s['allreduce_per_step']:.0f}"
+                         + (" (more ranks than cores)" if s.get("oversubscribed") else ""))
+    return "\n".join(lines)
+
+
+def bars(results, scaling):
+    """The issue's bars, checked on this run's numbers: [(what, value, limit)]."""
+    out = []
+    main = next((r for r in results if r["shape"] == [32, 64, 56, 56] and r["dtype"] == "float32"), None)
+    if main:
+        t, m = main["times_s"], main["peak_temp_x_input"]
+        if "torch" in t:
+            out.append(("(32, 64, 56, 56) float32 fwd+bwd / torch", t["mpibn"] / t["torch"], 1.5))
+        out.append(("(32, 64, 56, 56) float32 fwd+bwd / copy", t["mpibn"] / t["copy"], 6.0))
+    for r in results:
+        if np.prod(r["shape"]) * np.dtype(r["dtype"]).itemsize < 1 << 20:
+            continue            # tiny arrays: fixed costs (a few KiB) dominate any ratio
+        out.append((f"{tuple(r['shape'])} {r['dtype']} peak temporary / input",
+                    max(r["peak_temp_x_input"]["mpibn_fwd"], r["peak_temp_x_input"]["mpibn_bwd"]), 1.0))
+    for s in scaling:
+        if s["ranks"] == 4:
+            out.append((f"P=4 {tuple(s['share'])} synced / alone", s["synced_s"] / s["alone_s"], 1.3))
+    return out
+
+
+def plot(results, scaling, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return None
+    fig, axes = plt.subplots(1, 2 if scaling else 1, figsize=(13 if scaling else 8, 4.5), squeeze=False)
+    ax = axes[0][0]
+    names = [("mpibn", "mpibn"), ("torch", "torch CPU"), ("naive", "naive NumPy"), ("copy", "np.copyto")]
+    width = 0.2
+    for i, (key, label) in enumerate(names):
+        vals = [r["times_s"].get(key, np.nan) * 1e3 for r in results]
+        ax.bar(np.arange(len(results)) + (i - 1.5) * width, vals, width, label=label)
+    ax.set_xticks(np.arange(len(results)))
+    ax.set_xticklabels([f"{tuple(r['shape'])}\n{r['dtype']}" for r in results], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("forward + backward, ms (log)")
+    ax.set_title(f"single process, {ARGS.threads} thread(s), median of {ARGS.repeats}")
+    ax.legend(fontsize=8)
+    if scaling:
+        ax = axes[0][1]
+        shapes = sorted({tuple(s["shape"]) for s in scaling})
+        for color, shape in zip(("C0", "C1", "C2", "C3"), shapes):
+            rows = sorted((s for s in scaling if tuple(s["shape"]) == shape), key=lambda s: s["ranks"])
+            ranks = [s["ranks"] for s in rows]
+            ax.plot(ranks, [s["synced_s"] * 1e3 for s in rows], "o-", color=color,
+                    label=f"{shape} synced")
+            ax.plot(ranks, [s["alone_s"] * 1e3 for s in rows], "x--", color=color,
+                    label=f"{shape} alone on the same shard")
+        ax.set_xticks(sorted({s["ranks"] for s in scaling}))
+        ax.set_yscale("log")
+        ax.set_xlabel("ranks P (each 1/P of the batch)")
+        ax.set_ylabel("per-rank fwd+bwd, ms (slowest rank, log)")
+        ax.set_title("weak scaling: synced vs alone on the same shard")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def default_out():
+    if ARGS.smoke:
+        return tempfile.mkdtemp(prefix="mpibn-bench-smoke-")
+    docs = os.path.join(ROOT, "docs")
+    if os.path.isfile(os.path.join(ROOT, "setup.cfg")) and os.path.isdir(docs):
+        return docs
+    return os.getcwd()
+
+
+def pinned(threads):
+    """Thread counts must be fixed before NumPy, BLAS or torch start their pools,
+    that is before this process imported NumPy: a fresh process gets them."""
+    return all(os.environ.get(var) == str(threads) for var in THREAD_VARS)
+
+
+def main(argv=None):
+    global ARGS, torch, TF
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ARGS = parse(argv)
+    if not pinned(ARGS.threads):
+        env = dict(os.environ, **{var: str(ARGS.threads) for var in THREAD_VARS})
+        return subprocess.run([sys.executable, "-m", "mpibn.bench", *argv], env=env).returncode
+    if ARGS.worker:
+        worker(ARGS.worker)
+        return 0
+    torch, TF = load_torch()
+    load = os.getloadavg()
+    results = []
+    shapes = SMOKE_SHAPES if ARGS.smoke else SHAPES
+    for i, (shape, dtype) in enumerate(shapes):
+        label = f"[{i + 1}/{len(shapes)}] {shape} {dtype}"
+        results.append(bench_shape(shape, dtype, label))
+    scaling = []
+    for nprocs in ARGS.np:
+        scaling += relaunch(nprocs)
+    progress("")
+    report = {"command": " ".join(["mpibn", "bench"] + argv),
+              "threads": ARGS.threads, "repeats": ARGS.repeats, "warmup": ARGS.warmup,
+              "cpus": os.cpu_count(), "loadavg_before": load, "loadavg_after": os.getloadavg(),
+              "numpy": np.__version__, "torch": getattr(torch, "__version__", None),
+              "block": blocks.BLOCK, "mpi_env": YIELD_ENV,
+              "results": results, "weak_scaling": scaling}
+    text = table(results, scaling)
+    report["bars"] = [{"what": w, "value": v, "limit": lim, "holds": v <= lim} for w, v, lim in bars(results, scaling)]
+    print(text)
+    print("\nbars:")
+    for b in report["bars"]:
+        print(f"  {b['what']:48s} {b['value']:6.2f}  (at most {b['limit']}: {'holds' if b['holds'] else 'MISSED'})")
+    print(f"load average before {load[0]:.2f}, after {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    out = ARGS.out or default_out()
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "performance.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    png = plot(results, scaling, os.path.join(out, "performance.png"))
+    print(f"wrote {os.path.join(out, 'performance.json')}" + (f" and {png}" if png else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
