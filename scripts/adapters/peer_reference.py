@@ -176,38 +176,59 @@ def json_number(v):
     return "nan" if np.isnan(v) else "inf"
 
 
-def judge(s, golden_ranks, results, peer_ranks, peer_name):
-    """(verdict, errors, errors_peer_convention, failing quantities) of one scenario.
+def judge(s, golden_ranks, results, ladder):
+    """Verdict and errors of one scenario, each failing quantity explained by the first rung that fits.
 
-    ``results``: per rank {quantity: array} from the peer (a quantity the peer
-    does not produce is absent); ``peer_ranks``: ``reference`` under the
-    peer's convention, or None if the peer has none of its own.
+    ``results``: per rank {quantity: array} from the peer (a quantity it does
+    not produce is absent). ``ladder``: [(label, kind, knobs)], each rung
+    adding knobs of ``reference`` to the previous ones; kind "convention"
+    (documented or by design) or "defect" (reproduces what the code does, but
+    nothing justifies it). Returns a dict with ``verdict`` ("pass",
+    "convention" when every failing quantity is explained by convention rungs,
+    else "defect"), ``errors`` (against the golden files),
+    ``errors_peer_convention`` (failing quantities against the last convention
+    rung), ``errors_as_implemented`` (those still failing there, against the
+    last rung, if it is a defect rung) and ``explained`` {quantity: label or None}.
     """
-    errors, errors_peer, failing, failing_peer = {}, {}, [], []
-    for q in QUANTITIES:
-        if q not in s["outputs"] or q not in results[0]:
-            errors[q] = None
-            continue
-        act = [r[q] for r in results]
-        exp = [g[q] for g in golden_ranks]
-        errors[q] = normwise(act, exp)
-        rtol = default_rtol(act[0].dtype if act[0].dtype.kind == "f" else np.float64)
-        if not within_tolerance(act, exp, rtol):
-            failing.append(q)
-            if peer_ranks is not None:
-                pexp = [p[q] for p in peer_ranks]
-                errors_peer[q] = normwise(act, pexp)
-                if not within_tolerance(act, pexp, rtol):
-                    failing_peer.append(q)
-            else:
-                failing_peer.append(q)
-    if not failing:
-        verdict = "pass"
-    elif not failing_peer:
-        verdict = "convention"
-    else:
-        verdict = "defect"
-    return verdict, errors, errors_peer, failing, failing_peer
+    keys = [q for q in QUANTITIES if q in s["outputs"] and q in results[0]]
+    act = {q: [r[q] for r in results] for q in keys}
+    rtol = {q: default_rtol(act[q][0].dtype if act[q][0].dtype.kind == "f" else np.float64) for q in keys}
+    errors = {q: (normwise(act[q], [g[q] for g in golden_ranks]) if q in keys else None) for q in QUANTITIES}
+    failing = [q for q in keys if not within_tolerance(act[q], [g[q] for g in golden_ranks], rtol[q])]
+    explained, knobs, refs = {q: None for q in failing}, {}, {}
+    for label, kind, add in ladder:
+        knobs = dict(knobs, **add)
+        refs[label] = ref = reference(s, golden_ranks, **knobs)
+        for q in failing:
+            if explained[q] is None and within_tolerance(act[q], [r[q] for r in ref], rtol[q]):
+                explained[q] = label
+    kinds = {label: kind for label, kind, _ in ladder}
+    conv = [label for label, kind, _ in ladder if kind == "convention"]
+    out = {"errors": errors, "errors_peer_convention": {}, "explained": explained}
+    if conv:
+        last = refs[conv[-1]]
+        out["errors_peer_convention"] = {q: normwise(act[q], [r[q] for r in last]) for q in failing}
+    still = [q for q in failing if explained[q] is None or kinds[explained[q]] != "convention"]
+    if still and ladder and ladder[-1][1] == "defect":
+        last = refs[ladder[-1][0]]
+        out["errors_as_implemented"] = {q: normwise(act[q], [r[q] for r in last]) for q in still}
+    out["verdict"] = "pass" if not failing else "convention" if not still else "defect"
+    return out
+
+
+def describe(explained, names):
+    """The note of a scenario: which quantities each rung explains ({label: text} in ``names``)."""
+    if not explained:
+        return "every quantity within verify's tolerance"
+    parts = []
+    for label, text in names.items():
+        qs = [q for q, lab in explained.items() if lab == label]
+        if qs:
+            parts.append(f"{', '.join(qs)}: {text}")
+    rest = [q for q, lab in explained.items() if lab is None]
+    if rest:
+        parts.append(f"{', '.join(rest)}: off under every convention tried (numerical defect)")
+    return "; ".join(parts)
 
 
 def write_json(path, doc):
