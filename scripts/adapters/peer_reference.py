@@ -217,10 +217,12 @@ def judge(s, golden_ranks, results, ladder):
     ``results``: per rank {quantity: array} from the peer (a quantity it does
     not produce is absent). ``ladder``: [(label, kind, knobs)], each rung
     adding knobs of ``reference`` to the previous ones; kind "convention"
-    (documented or by design) or "defect" (reproduces what the code does, but
-    nothing justifies it). Returns a dict with ``verdict`` ("pass",
-    "convention" when every failing quantity is explained by convention rungs,
-    else "defect"), ``errors`` (against the golden files),
+    (documented or by design), "accuracy" (only the rounding of the
+    arithmetic the framework chose: docs/conformance.md's "defect
+    (accuracy)") or "defect" (reproduces what the code does, but nothing
+    justifies it). Returns a dict with ``verdict`` ("pass"; "convention" when
+    every failing quantity is explained by convention rungs; "accuracy" when
+    by convention and accuracy rungs; else "defect"), ``errors`` (against the golden files),
     ``errors_peer_convention`` (failing quantities against the last convention
     rung), ``errors_as_implemented`` (those still failing there, against the
     last rung, if it is a defect rung) and ``explained`` {quantity: label or None}.
@@ -251,11 +253,12 @@ def judge(s, golden_ranks, results, ladder):
     if conv:
         last = refs[conv[-1]]
         out["errors_peer_convention"] = {q: normwise(act[q], [r[q] for r in last]) for q in failing}
-    still = [q for q in failing if explained[q] is None or kinds[explained[q]] != "convention"]
+    still = [q for q in failing if explained[q] is None or kinds[explained[q]] == "defect"]
     if still and ladder and ladder[-1][1] == "defect":
         last = refs[ladder[-1][0]]
         out["errors_as_implemented"] = {q: normwise(act[q], [r[q] for r in last]) for q in still}
-    out["verdict"] = "pass" if not failing else "convention" if not still else "defect"
+    accuracy = [q for q in failing if explained[q] is not None and kinds[explained[q]] == "accuracy"]
+    out["verdict"] = ("pass" if not failing else "defect" if still else "accuracy" if accuracy else "convention")
     return out
 
 
@@ -272,6 +275,20 @@ def describe(explained, names, unexplained="off under every convention tried (nu
     if rest:
         parts.append(f"{', '.join(rest)}: {unexplained}")
     return "; ".join(parts)
+
+
+def column_cell(judged, note):
+    """The scenario entry of a column file: docs/conformance.md shows "defect (accuracy)" for a
+    "defect" whose note starts with "accuracy", so that is how an "accuracy" verdict is written."""
+    verdict = judged["verdict"]
+    if verdict == "accuracy":
+        verdict, note = "defect", "accuracy: " + note
+    cell = {"verdict": verdict, "errors": judged["errors"],
+            "errors_peer_convention": judged["errors_peer_convention"]}
+    if "errors_as_implemented" in judged:
+        cell["errors_as_implemented"] = judged["errors_as_implemented"]
+    cell["note"] = note
+    return cell
 
 
 def write_json(path, doc):
