@@ -53,8 +53,8 @@ def _add_golden_verify(sub):
         "verify", help="compare another backend's results with a golden directory",
         description="Compare RESULTS/<scenario>/rank<r>.npz (the golden layout, output keys) with "
                     "GOLDEN and print max abs / max rel (normwise) / max ulps per scenario and "
-                    "quantity. Exit 0 when all pass, 1 on a failure, 2 on a missing or malformed "
-                    "file or key.")
+                    "quantity. Exit 0 when all pass, 1 on a failure or when nothing was compared, "
+                    "2 on a missing or malformed file or key or an unknown scenario or quantity.")
     verify.add_argument("golden", metavar="GOLDEN")
     verify.add_argument("results", metavar="RESULTS")
     verify.add_argument("--rtol", type=float, default=None,
