@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from mpi4py import MPI
 
@@ -29,6 +30,9 @@ def test_documented_example_prints_0_999995_on_every_rank():
     assert out.stdout.count("0.999995") == 4 * 12
     numbers = [t.strip("[]") for t in out.stdout.split() if t.strip("[]").replace(".", "").isdigit()]
     assert set(numbers) == {"0.999995"}
+    # one block per rank, in rank order, never interleaved
+    block = str(np.full((1, 3, 2, 2), 0.999995, dtype=np.float32))
+    assert out.stdout == "".join(f"rank {r}: float32\n{block}\n" for r in range(4)), out.stdout
 
 
 def test_demo_on_four_ranks_matches_concatenated_batch():
