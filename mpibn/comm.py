@@ -30,9 +30,16 @@ import os
 import time
 
 import numpy as np
-from mpi4py import MPI
 
 from .errors import N_DETAILS, Problem
+
+
+def _mpi():
+    # mpi4py is imported (and MPI initialised) on the first collective, not
+    # at import: mpibn.sync and mpibn.testing import this module and must
+    # run where mpi4py is not installed (mpibn.testing simulates the group).
+    from mpi4py import MPI
+    return MPI
 
 __all__ = ["GroupComm", "RowExchange", "CollectiveTimeout", "group_comm_for",
            "validate_process_groups"]
@@ -138,6 +145,7 @@ class GroupComm:
             return buf
         if self.debug_timeout is None:
             # Uppercase (buffer) Allreduce: no pickling on the hot path.
+            MPI = _mpi()
             self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
         else:
             self._allreduce_with_deadline(buf, tag)
@@ -155,6 +163,7 @@ class GroupComm:
         those that are in another call); under ``python -m mpi4py`` that
         ends the whole job instead of leaving it to hang.
         """
+        MPI = _mpi()
         me = np.array(tag, dtype=np.float64)
         peers = [r for r in range(self.size) if r != self.rank]
         heard = {r: np.zeros(2) for r in peers}
@@ -202,11 +211,14 @@ split_calls = 0
 # Every rank of the parent builds the same layers in the same order, so a
 # hit on one rank is a hit on all: Comm.Split (a collective) is called by
 # all ranks or by none.
-_KEYVAL = MPI.Comm.Create_keyval()
+_KEYVAL = None
 
 
 def group_cache(comm):
     """{canonical process_groups: GroupComm} kept on ``comm``."""
+    global _KEYVAL
+    if _KEYVAL is None:
+        _KEYVAL = _mpi().Comm.Create_keyval()
     cache = comm.Get_attr(_KEYVAL)
     if cache is None:
         cache = {}
@@ -233,6 +245,7 @@ def group_comm_for(comm, process_groups):
 
 
 def _split(comm, groups):
+    MPI = _mpi()
     rank, size = comm.Get_rank(), comm.Get_size()
     if groups is None:
         groups = (tuple(range(size)),)

@@ -83,6 +83,7 @@ class Scenario:
     use_batch_statistics: bool = None
     exact: bool = True
     seed: int = 0
+    constant_channels: list = field(default_factory=list)   # channels whose x is the constant offset
     groups_of_rank: list = field(default_factory=list)
 
     def uses_batch_statistics(self):
@@ -102,6 +103,11 @@ def scenarios(size, dtype="float32", exact=True):
     uneven = [1 + 2 * r for r in range(size)]
     empty = [0 if r == 1 else 3 for r in range(size)] if size > 1 else [3]
     outside = [list(range(size - 1))] if size > 2 else None
+    # Groups of unequal sizes, the bigger one second (JAX's pmean divides by the first group's size).
+    unequal = ([[0, 1], list(range(2, size))] if size >= 5 else
+               [[0], list(range(1, size))] if size >= 3 else None)
+    pair = [1, 1] + [0] * (size - 2) if size > 1 else [2]
+    ones = [1] * size if size > 1 else [2]
     listed = [
         Scenario("even", "every rank holds 3 samples of (3, 4, 4)", even),
         Scenario("uneven", "rank r holds 1 + 2r samples", uneven),
@@ -117,10 +123,26 @@ def scenarios(size, dtype="float32", exact=True):
                  uneven, training=False),
         Scenario("eval_batch_statistics", "eval mode with use_batch_statistics=True: batch statistics "
                  "are used and the moving ones updated", uneven, training=False, use_batch_statistics=True),
+        # Added in mpibn 0.1.0, still format version 1: shapes where peers break.
+        Scenario("group_total_2", "2-D input: ranks 0 and 1 hold one sample each, the rest none: "
+                 "2 values per channel in the group (the least training allows)", pair, tail=(4,)),
+        Scenario("one_per_rank", "2-D input, one sample on every rank (two on a lone rank): "
+                 "no rank has a variance of its own", ones, tail=(4,)),
+        Scenario("wide_c2048", "2-D input (2, 2048) on every rank: C = 2048 channels, N = 2 samples",
+                 [2] * size, tail=(2048,)),
+        Scenario("constant_channel", "channel 1 holds the same value (the offset 3) everywhere: "
+                 "variance 0, y = beta there", uneven, constant_channels=[1]),
+        Scenario("float16_offset", "float16 data, mean 500, std 2 (|mean|/std = 250, sum of x^2 "
+                 "over 65504 after 1 sample)", even, dtype="float16", offset=500.0),
+        Scenario("groups_unequal", "process_groups of unequal sizes, the larger second "
+                 "([[0], [1 .. K-1]]; [[0, 1], [2 .. K-1]] for K >= 5)", uneven, process_groups=unequal),
+        Scenario("momentum_0", "momentum 0: the moving statistics become the last batch's", uneven,
+                 momentum=0.0),
+        Scenario("momentum_1", "momentum 1: the moving statistics never change", uneven, momentum=1.0),
     ]
     out = {}
     for i, s in enumerate(listed):
-        if s.dtype == "float32" and s.name not in ("float32_offset",):
+        if s.dtype == "float32" and s.name != "float32_offset":
             s.dtype = dtype
         s.exact, s.seed = exact, 1000 + i
         members = [g for g in (s.process_groups or [list(range(size))])]
@@ -140,6 +162,8 @@ def inputs(s, rank):
     shape = (STEPS, total) + tuple(s.tail)
     x = (s.offset + s.scale * rng.standard_normal(shape)).astype(s.dtype)
     dy = rng.standard_normal(shape).astype(s.dtype)
+    for c in s.constant_channels:
+        x[:, :, c] = s.offset
     channels = s.tail[0]
     start = sum(s.shards[:rank])
     sl = slice(start, start + s.shards[rank])

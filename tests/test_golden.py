@@ -17,7 +17,7 @@ from mpi4py import MPI
 from mpibn import golden as G
 from mpibn.__main__ import main
 from mpibn.launch import find_mpiexec
-from oracle import plain_batch_norm, ulp_distance
+from oracle import exact_batch_norm, plain_batch_norm, ulp_distance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = MPI.COMM_WORLD
@@ -95,6 +95,49 @@ def test_golden_outputs_match_reference_all_ranks():
     gathered = {name: gather_scenario(WORLD, s) for name, s in table.items()}
     for name, s in table.items():
         check_scenario_against_reference(s, gathered[name])
+
+
+def test_catalogue_has_the_shapes_where_peers_break():
+    # issue 12: the scenarios exist for 4 ranks with the shapes asked for
+    t = G.scenarios(4)
+    totals = lambda s, g: sum(s.shards[r] for r in g) * int(np.prod(s.tail[1:]))   # noqa: E731
+    assert totals(t["group_total_2"], t["group_total_2"].groups_of_rank[0]) == 2
+    assert t["one_per_rank"].shards == [1, 1, 1, 1] and t["one_per_rank"].tail == (4,)
+    assert t["wide_c2048"].tail == (2048,) and t["wide_c2048"].shards == [2] * 4
+    assert t["float16_offset"].dtype == "float16" and t["float16_offset"].offset == 500.0
+    assert sorted(map(len, t["groups_unequal"].process_groups)) == [1, 3]
+    assert (t["momentum_0"].momentum, t["momentum_1"].momentum) == (0.0, 1.0)
+    x = G.inputs(t["constant_channel"], 2)["x"]
+    assert np.all(x[:, :, 1] == 3.0) and np.ptp(x[:, :, 0]) > 0
+    # G.scenarios(5) puts two ranks in the first group: still unequal.
+    assert G.scenarios(5)["groups_unequal"].process_groups == [[0, 1], [2, 3, 4]]
+
+
+@pytest.mark.parametrize("name", ["group_total_2", "one_per_rank", "constant_channel"])
+def test_new_small_scenarios_against_exact_arithmetic(name):
+    # The smallest new shapes, checked against fractions + mpmath (tests/oracle.py).
+    s = G.scenarios(1)[name]
+    f = gather_scenario(MPI.COMM_SELF, s)[0]
+    for step in range(G.STEPS):
+        y, dx, means, variances = exact_batch_norm(f["x"][step], f["dy"][step], f["gamma"], f["beta"], s.eps)
+        assert ulp_distance(f["y"][step], y.astype(s.dtype)).max() <= 1
+        assert ulp_distance(f["dx"][step], dx.astype(s.dtype)).max() <= 1
+        assert f["batch_mean"][step].tolist() == [float(m) for m in means]      # correctly rounded
+        assert f["batch_var"][step].tolist() == [float(v) for v in variances]
+    if name == "constant_channel":
+        assert np.all(f["batch_var"][:, 1] == 0) and np.all(f["y"][:, :, 1] == f["beta"][1].astype(s.dtype))
+
+
+def test_momentum_0_and_1_moving_statistics():
+    for name, expect_first in (("momentum_0", False), ("momentum_1", True)):
+        s = G.scenarios(1)[name]
+        f = gather_scenario(MPI.COMM_SELF, s)[0]
+        n = f["x"].shape[1] * int(np.prod(s.tail[1:]))
+        if expect_first:       # momentum 1: the moving statistics never change
+            assert np.all(f["moving_mean"] == f["moving_mean0"]) and np.all(f["moving_var"] == f["moving_var0"])
+        else:                  # momentum 0: the last batch's mean and unbiased variance
+            np.testing.assert_array_equal(f["moving_mean"], f["batch_mean"])
+            np.testing.assert_allclose(f["moving_var"], f["batch_var"] * n / (n - 1), rtol=1e-15)
 
 
 def test_manifest_spells_out_conventions(tmp_path):
