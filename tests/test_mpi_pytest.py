@@ -1,7 +1,8 @@
 """scripts/mpi_pytest.py: pytest under mpiexec with one readable report.
 
 Each test launches ``mpiexec -n 3`` on a tiny generated test file, so it
-runs in the serial session only.
+runs in the serial session only; marked ``system`` (whole pytest sessions
+under mpiexec, several seconds each), so CI runs it in its last stage.
 """
 import os
 import subprocess
@@ -14,7 +15,8 @@ from mpibn.launch import find_mpiexec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "mpi_pytest.py")
-pytestmark = pytest.mark.skipif(MPI.COMM_WORLD.Get_size() > 1, reason="launches its own mpiexec")
+pytestmark = [pytest.mark.system,
+              pytest.mark.skipif(MPI.COMM_WORLD.Get_size() > 1, reason="launches its own mpiexec")]
 
 TESTS = '''
 from mpi4py import MPI
