@@ -108,20 +108,21 @@ def _add_explain(sub):
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run one training forward and backward of SyncBatchNorm on a tiny batch\n"
                     "(2 channels, uneven shards 3,1,2,0 samples, groups [[0,1],[2,3]], rank 3 empty)\n"
-                    "and print, rank by rank and step by step:\n"
-                    "  1. each rank's shard x\n"
-                    "  2. its local moments n, mean, m2          (functional.batch_norm_stats)\n"
-                    "  3. the exact buffer row it sends to MPI_Allreduce\n"
-                    "  4. the buffer that came back: every row of its group, bit for bit\n"
-                    "  5. the group's N, mean, var, inv_std and moving statistics (merge_stats)\n"
-                    "  6. one element of y worked out by hand      (batch_norm_elemt)\n"
-                    "  7. the backward sums sum(dy), sum(dy*xhat) and the buffer sent\n"
-                    "  8. the sums that came back and one element of dx worked out by hand\n"
-                    "  9. a check against textbook batch norm of each group's concatenated batch\n"
-                    "Relaunches itself under mpiexec when not started by one. The math is\n"
-                    "derived in docs/derivation.md.",
+                    "and print, step by step:\n"
+                    "  1. each rank's shard and local moments n_r, mean_r, m2_r  (batch_norm_stats)\n"
+                    "  2. the forward Allreduce: the table of rows that came back, bit for bit\n"
+                    "  3. the group's N, mean, var, s and moving statistics (merge_stats), next\n"
+                    "     to the mean of the ranks' means, which is wrong\n"
+                    "  4. one element of y worked out by hand      (batch_norm_elemt)\n"
+                    "  5. the backward sums sum(dy), sum(dy*xhat) each rank sent, and the group's\n"
+                    "  6. one element of dx worked out by hand     (batch_norm_backward_elemt)\n"
+                    "  7. a check against textbook batch norm of each group's concatenated batch\n"
+                    "Every number about the exchange is read from the real buffer. Default: channel\n"
+                    "0, each group's table once; --full: everything. Relaunches itself under mpiexec\n"
+                    "when not started by one. The math is derived in docs/derivation.md.",
         epilog="examples:\n"
                "  python -m mpibn explain\n"
+               "  python -m mpibn explain --full                      # every channel and row\n"
                "  python -m mpibn explain --groups '[[0,1,3]]'        # rank 2 in no group\n"
                "  python -m mpibn explain --shards 4,0,1,3 --digits 17  # every bit of the buffer")
     explain.add_argument("-n", "--np", type=int, default=None, help=NP_HELP)
@@ -134,6 +135,8 @@ def _add_explain(sub):
     explain.add_argument("--digits", type=int, default=6,
                          help="significant digits printed (default 6; 17 shows every bit)")
     explain.add_argument("--seed", type=int, default=0)
+    explain.add_argument("--full", action="store_true",
+                         help="print every channel and every rank's copy of every buffer")
 
 
 def main(argv=None):

@@ -10,13 +10,15 @@ row per rank of the group, P the group size::
 
     row r = [status_r, count_r, layer_r, call_r, detail_r(8), payload_r(k * C)]
 
-Each rank writes only its own row and leaves the others zero; the Allreduce
-is a SUM. Adding zeros is exact in IEEE arithmetic, so after the reduction
-every rank holds every rank's row *bit for bit*, whatever order or tree the
-MPI library used to add them. The caller then combines the rows in rank
-order itself, so every rank of a group computes bitwise the same statistics
-and reruns are reproducible. The price is P rows instead of one: P * (2C + 10)
-numbers, still nothing next to the activations for any realistic P.
+HEADER = 12 numbers (status, count, layer, call and 8 details), then the
+payload (k = 2 vectors of C numbers for batch norm). Each rank writes only
+its own row and leaves the others zero; the Allreduce is a SUM, which then
+works as an allgather: every rank gets every row unchanged, whatever order
+or tree the MPI library used (only a -0.0 comes back as +0.0), and the
+caller combines the rows in rank order itself. Why that is exact, and why an
+Allreduce rather than an Allgather: docs/derivation.md, section 1. The
+price is P rows instead of one: P * (12 + 2C) numbers, small next to the
+activations for any realistic P.
 
 The count travels in the buffer, so uneven and empty shards combine exactly
 (never divide by the number of ranks). ``status_r`` is non-zero when rank r

@@ -2,25 +2,28 @@
 
 A tiny run (C = 2 channels, a handful of samples, 4 ranks, groups
 [[0, 1], [2, 3]], uneven shards, rank 3 empty) of the real layer,
-``mpibn.SyncBatchNorm``, printed step by step in rank order:
+``mpibn.SyncBatchNorm``, printed step by step:
 
-1. each rank's shard x;
-2. its local moments (n, mean, m2)            ``functional.batch_norm_stats``;
-3. the buffer it hands to MPI_Allreduce: its own row filled, the others 0
-   (layout in ``mpibn.comm``);
-4. the buffer that came back: every row of the group, bitwise the same on
-   every rank of the group;
-5. the group's statistics                      ``functional.merge_stats``;
-6. one element of y worked out by hand         ``functional.batch_norm_elemt``;
-7. backward: the two local sums                ``functional.batch_norm_backward_reduce``,
-   the buffer sent and received, and one element of dx
-                                               ``functional.batch_norm_backward_elemt``;
-8. a check against plain batch norm of each group's concatenated batch.
+1. each rank's shard and its local moments (n_r, mean_r, m2_r)
+                                               ``functional.batch_norm_stats``;
+2. the forward Allreduce: the row each rank sent and the table that came
+   back (layout in ``mpibn.comm``);
+3. the group's statistics                      ``functional.merge_stats``,
+   next to the mean of the ranks' means, which is wrong;
+4. one element of y worked out by hand         ``functional.batch_norm_elemt``;
+5. backward: the two local sums each rank sent ``functional.batch_norm_backward_reduce``
+   and the group's sums that came back;
+6. one element of dx worked out by hand        ``functional.batch_norm_backward_elemt``;
+7. a check against plain batch norm of each group's concatenated batch.
 
-How the buffer is seen: the group communicator's ``allreduce_sum`` is
-wrapped, on this process only, by ``BufferTap``, which copies the buffer
-just before and just after the collective. The library is not changed.
-The narrative is derived in docs/derivation.md.
+Every number about the exchange is the one the layer really sent and
+received: the group communicator's ``allreduce_sum`` is wrapped, on this
+process only, by ``BufferTap``, which copies the buffer just before and just
+after each collective. Nothing the layer sends is recomputed here. The
+default output shows channel 0 and each group's table once; ``--full``
+shows every channel and every rank's copy of every buffer. Every "check"
+line must say True; the exit code is 1 otherwise. The narrative is derived
+in docs/derivation.md.
 """
 import numpy as np
 
@@ -70,7 +73,8 @@ class Report:
         self.lines = []
 
     def __call__(self, text=""):
-        self.lines.extend(str(text).split("\n"))
+        for item in text if isinstance(text, list) else [text]:
+            self.lines.extend(str(item).split("\n"))
 
     def step(self, title, intro=""):
         gathered = self.comm.gather(self.lines, root=0)
@@ -137,8 +141,10 @@ def _vec(a, digits):
     return "[" + ", ".join(f"{v:.{digits}g}" for v in np.ravel(a)) + "]"
 
 
-def _rows(a):
-    return "[" + ", ".join("[" + ", ".join(f"{v:g}" for v in r) + "]" for r in a) + "]"
+def _num(a, digits, channels):
+    """Channel 0 alone as a number (short mode), or every channel as a vector."""
+    a = np.ravel(a)
+    return f"{a[0]:.{digits}g}" if channels is None else _vec(a[:channels], digits)
 
 
 def _p(v, digits):
@@ -146,17 +152,47 @@ def _p(v, digits):
     return f"({v:.{digits}g})" if v < 0 else f"{v:.{digits}g}"
 
 
-def _row(row, channels, k, names, digits):
-    head = ", ".join(str(int(v)) for v in row[:4])
-    details = ",".join(str(int(v)) for v in row[4:HEADER])
-    payload = row[HEADER:].reshape(k, channels)
-    parts = " ".join(f"{name}={_vec(p, digits)}" for name, p in zip(names, payload))
-    return f"[{head} | {details} | {parts}]"
+def _tag(layer_tag, call):
+    """The tag's numbers as a reader counts: layers from 1, and which pass.
+
+    The layer writes 2 * (its number) forward and that + 1 backward."""
+    if layer_tag == 0:
+        return "no tag"
+    which = "forward" if int(layer_tag) % 2 == 0 else "backward"
+    return f"layer {int(layer_tag) // 2} {which}, call {int(call)}"
 
 
-def _table(buf, ranks, channels, names, digits):
-    return "\n".join(f"row {r} (rank {ranks[r]}): {_row(buf[r], channels, 2, names, digits)}"
+def _row(row, channels, names, digits, full):
+    """One buffer row: header decoded, payload by name."""
+    k = len(names)
+    payload = row[HEADER:].reshape(k, -1)
+    shown = payload if full else payload[:, :1]
+    parts = " ".join(f"{name}={_vec(p, digits)}" for name, p in zip(names, shown))
+    head = f"status {int(row[0])}, count {int(row[1])}, {_tag(row[2], row[3])}"
+    if full:
+        head += " | details " + ",".join(str(int(v)) for v in row[4:HEADER])
+    return f"[{head} | {parts}]"
+
+
+def _table(buf, ranks, names, digits, full):
+    return "\n".join(f"row {r} (rank {ranks[r]}): {_row(buf[r], None, names, digits, full)}"
                      for r in range(buf.shape[0]))
+
+
+class Checks:
+    """Named True/False checks of one rank; every one is printed and must hold."""
+
+    def __init__(self):
+        self.results = []
+
+    def __call__(self, name, value):
+        value = bool(value)
+        self.results.append((name, value))
+        return f"check: {name}: {value}"
+
+    @property
+    def ok(self):
+        return all(v for _, v in self.results)
 
 
 def reference(x, dy, gamma, beta, eps):
@@ -190,10 +226,13 @@ def run(args):
         if rank == 0:
             print(f"python -m mpibn explain: error: {problem}")
         return 2
-    digits = args.digits
+    full = bool(getattr(args, "full", False))
+    d = digits = args.digits
     C = args.channels
+    shown = C if full else None                # None: channel 0 as a plain number
     cuts = np.concatenate([[0], np.cumsum(shards)])
     lo, hi = int(cuts[rank]), int(cuts[rank + 1])
+    n_r = hi - lo
     x_all, dy_all, gamma, beta = make_data(int(cuts[-1]), C, args.seed)
     x, dy = x_all[lo:hi], dy_all[lo:hi]
     names_fwd, names_bwd = ("mean", "m2"), ("sum_dy", "sum_dy_xhat")
@@ -202,128 +241,167 @@ def run(args):
                        dtype=np.float64).set_train()
     gc = bn.group_comm
     members = list(gc.ranks)
+    first = gc.rank == 0                       # speaks for its group in the short output
+    P = gc.size
     say = Report(comm)
+    check = Checks()
+
+    def show(line, quiet=False):
+        """A check line: always with --full or when False; else only if not quiet."""
+        if full or not quiet or line.endswith("False"):
+            say(line)
 
     if rank == 0:
         print(f"SyncBatchNorm(num_features={C}, eps={bn.eps}, momentum={bn.momentum}, "
               f"process_groups={groups}) on {size} ranks, float64, x of shape (n_r, {C})")
-        print(f"gamma = {_vec(gamma, digits)}, beta = {_vec(beta, digits)}; "
-              f"moving_mean starts at 0, moving_variance at 1")
-    say(f"{hi - lo} sample{'s' * (hi - lo != 1)}, group ranks {members}"
-        + ("" if gc.size > 1 else "  (alone: plain local batch norm, nothing is sent)"))
-    say(f"x = {_rows(x)}" if hi > lo else f"x is empty, shape (0, {C})")
-    say.step("1. input shards", "Every rank holds its own slice of the batch; shards are uneven.")
+        print(f"gamma = {_vec(gamma, d)}, beta = {_vec(beta, d)}; moving_mean starts at 0, "
+              f"moving_variance at 1")
+        print("Channel 0 only, each group's table once" if not full else
+              "Every channel, every rank's copy of every buffer")
 
-    count, mean_r, m2_r = F.batch_norm_stats(F.as_ncl(x))
-    say(f"n = {count}, mean = {_vec(mean_r, digits)}, m2 = {_vec(m2_r, digits)}")
-    local_moments = np.ravel([mean_r, m2_r])
-    say.step("2. local moments  (functional.batch_norm_stats)",
-             "n_r = values per channel; mean_r = sum(x)/n_r; m2_r = sum((x - mean_r)^2), centred\n"
-             "about the rank's own mean (never a raw sum of squares). An empty shard gives 0, 0, 0.")
-
+    # 1. shards and local moments --------------------------------------------------
     tap = BufferTap(gc)
-    y = bn(x)
-    # The group's buffer may be wider than this layer's rows (it is shared by
-    # every layer of the group, sized for the widest); show this layer's part.
-    width = bn._exchange.width
+    y = bn(x)                                   # the forward pass, with its one Allreduce
+    width = bn._exchange.width                  # this layer's part of the group's buffer
     sent, back = (a[:, :width] for a in tap.calls[0])
-    say(_table(sent, members, C, names_fwd, digits))
-    say(f"own row's count and payload are bitwise step 2's n, mean, m2: "
-        f"{sent[gc.rank, 1] == count and np.array_equal(sent[gc.rank, HEADER:], local_moments)}")
-    say.step("3. forward buffer handed to MPI_Allreduce(SUM) over the group",
-             f"Shape (P, {HEADER} + 2C) = {sent.shape}, one row per group rank: "
-             "[status, count, layer, call | 8 details | payload].\n"
-             "A rank fills only its own row; the other rows are 0. layer and call number this\n"
-             "call of this layer: every rank checks, after the Allreduce, that all rows agree.")
+    # The local moments are read from the row this rank sent, not recomputed.
+    count = int(sent[gc.rank, 1])
+    mean_r, m2_r = sent[gc.rank, HEADER:].reshape(2, C)
+    alone = "" if P > 1 else "  (alone: plain local batch norm, nothing is sent)"
+    if full:
+        say(f"{n_r} sample{'s' * (n_r != 1)}, group ranks {members}{alone}")
+        say(f"x = {x.tolist()}" if n_r else f"x is empty, shape (0, {C})")
+        say(f"n_r = {count}, mean_r = {_vec(mean_r, d)}, m2_r = {_vec(m2_r, d)}")
+    else:
+        xs = "x[:, 0] = [" + ", ".join(f"{v:g}" for v in x[:, 0]) + "]" if n_r else "x is empty"
+        say(f"{xs} -> n_r = {count}, mean_r = {mean_r[0]:.{d}g}, "
+            f"m2_r = {m2_r[0]:.{d}g}   (group {members}){alone}")
+    say.step("1. shards and local moments  (functional.batch_norm_stats)",
+             "n_r = values per channel; mean_r = sum(x)/n_r; m2_r = sum((x - mean_r)^2), centred\n"
+             "about the rank's own mean (never a raw sum of squares). An empty shard sends 0, 0, 0.")
 
-    say(_table(back, members, C, names_fwd, digits))
-    own_ok = np.array_equal(back[gc.rank], sent[gc.rank])
-    say(f"own row came back unchanged (x + 0 = x exactly): {own_ok}; Allreduce calls so far: "
-        f"{gc.allreduce_calls}")
+    # 2. the forward Allreduce -----------------------------------------------------
+    others_zero = not np.any(np.delete(sent, gc.rank, axis=0))
+    own_back = np.array_equal(back[gc.rank], sent[gc.rank])
     tables = comm.allgather(back.tobytes())
     same = all(tables[r] == tables[rank] for r in members)
-    say(f"bitwise the same table on group ranks {members}: {same}")
-    say.step("4. what came back: every rank's row, bit for bit",
-             "Summing rows in which all but one entry is 0 is exact, so each rank now holds every\n"
-             "row exactly, whatever order MPI added them in.")
+    if full:
+        say("sent:\n" + _table(sent, members, names_fwd, d, full))
+        say("came back:\n" + _table(back, members, names_fwd, d, full))
+    elif first:
+        say(_table(back, members, names_fwd, d, full))
+    show(check("only its own row was non-zero in what it sent", others_zero), quiet=True)
+    show(check("its own row came back bitwise unchanged (v + 0 = v)", own_back), quiet=True)
+    show(check(f"bitwise the same table on group ranks {members}", same), quiet=not first)
+    say.step("2. the forward Allreduce(SUM) over the group: every rank's row, bit for bit",
+             f"Buffer (P, {HEADER} + 2C): one row per group rank, [status, count, layer tag, call |\n"
+             "8 details | payload]. Each rank fills only its own row; every column then has one\n"
+             "non-zero entry, so the SUM is exact and works as an allgather of the rows.\n"
+             "Shown: the table that came back" + (" on every rank." if full else
+                                                   ", once per group (channel 0)."))
 
+    # 3. group statistics ------------------------------------------------------------
     counts, rows = back[:, 1], back[:, HEADER:].reshape(-1, 2, C)
     N, mean, M2 = F.merge_stats(counts, rows[:, 0], rows[:, 1])
-    inv_std = F.inv_std_from_var(M2 / N, bn.eps)
+    var, s = bn.batch_var, F.inv_std_from_var(bn.batch_var, bn.eps)
     m = bn.momentum
-    say(f"N = {N}, mean = {_vec(mean, digits)}, M2 = {_vec(M2, digits)}")
-    say(f"var = M2/N = {_vec(M2 / N, digits)} (normalises), inv_std = {_vec(inv_std, digits)}")
-    if N > 1:
-        say(f"M2/(N-1) = {_vec(M2 / (N - 1), digits)} (unbiased, group's N) -> moving_variance = "
-            f"{m:g}*1 + {1 - m:g}*that = "
-            f"{_vec(bn.moving_variance.data, digits)}")
-    say(f"moving_mean = {m:g}*0 + {1 - m:g}*mean = {_vec(bn.moving_mean.data, digits)}")
-    say(f"same as the layer's batch_mean/batch_var: "
-        f"{np.array_equal(mean, bn.batch_mean) and np.array_equal(M2 / N, bn.batch_var)}")
-    say.step("5. group statistics  (functional.merge_stats, inv_std_from_var, running_update)",
-             "N = sum n_r;  mean = sum n_r mean_r / N;  M2 = sum m2_r + sum n_r (mean_r - mean)^2.\n"
-             "Rows are combined in rank order, so both ranks of a group get the same bits.")
+    if first or full:
+        terms = " + ".join(f"{int(c)}*{_p(r[0, 0], d)}" for c, r in zip(counts, rows))
+        say(f"N = {N}; mean = ({terms})/{N} = {_num(mean, d, shown)}")
+        if P > 1:
+            naive = rows[:, 0].mean(axis=0)
+            listed = " + ".join(f"{_p(r[0, 0], d)}" for r in rows)
+            say(f"   (averaging the ranks' means instead: ({listed})/{P} = {_num(naive, d, shown)}:"
+                f" wrong, the counts differ)")
+        within = rows[:, 1].sum(axis=0)
+        say(f"M2 = sum m2_r + sum n_r (mean_r - mean)^2 = {_num(within, d, shown)} + "
+            f"{_num(M2 - within, d, shown)} = {_num(M2, d, shown)}")
+        say(f"var = M2/N = {_num(var, d, shown)}; s = 1/sqrt(var + eps) = {_num(s, d, shown)}")
+        if N > 1:
+            say(f"moving_mean = {m:g}*0 + {1 - m:g}*mean = {_num(bn.moving_mean.data, d, shown)}; "
+                f"moving_variance = {m:g}*1 + {1 - m:g}*M2/(N-1) = "
+                f"{_num(bn.moving_variance.data, d, shown)}")
+    agrees = np.array_equal(mean, bn.batch_mean) and np.array_equal(M2 / N, bn.batch_var)
+    show(check("merge_stats of that table gives bitwise the layer's mean and var", agrees),
+         quiet=not first)
+    say.step("3. group statistics  (functional.merge_stats, inv_std_from_var, running_update)",
+             "Chan's merge: the rows are combined in rank order on every rank, so the ranks of a\n"
+             "group get the same bits. The moving variance takes the unbiased M2/(N-1), N the group's.")
 
-    if hi > lo:
-        say(f"y[0] = {_vec(y[0], digits)}")
-        d = digits
-        say(f"y[0,0] = gamma*(x - mean)*inv_std + beta = {_p(gamma[0], d)}*({_p(x[0, 0], d)} - "
-            f"{_p(mean[0], d)})*{_p(inv_std[0], d)} + {_p(beta[0], d)} = {y[0, 0]:.{d}g}")
+    # 4. output ----------------------------------------------------------------------
+    if n_r:
+        say(f"y[0,0] = gamma*(x - mean)*s + beta = {_p(gamma[0], d)}*({_p(x[0, 0], d)} - "
+            f"{_p(mean[0], d)})*{_p(s[0], d)} + {_p(beta[0], d)} = {y[0, 0]:.{d}g}")
+        if full:
+            say(f"y = {_vec(y, d)}")
     else:
         say(f"y is empty, shape {y.shape}")
-    say.step("6. output  (functional.batch_norm_elemt)",
-             "xhat = (x - mean) * inv_std;  y = gamma * xhat + beta, with the group's mean and inv_std.")
+    say.step("4. output  (functional.batch_norm_elemt)",
+             "y = gamma * (x - mean) * s + beta, with the group's mean and s.")
 
+    # 5. backward sums ---------------------------------------------------------------
     dx = bn.backward(dy)
     sent_b, back_b = (a[:, :width] for a in tap.calls[1])
     tap.close()
-    xhat = (x - mean) * inv_std
-    sum_dy, sum_dy_xhat = F.batch_norm_backward_reduce(F.as_ncl(dy), F.as_ncl(xhat))
-    if hi > lo:
-        say(f"dy = {_rows(dy)}")
-    same_b = np.array_equal(sent_b[gc.rank, HEADER:], np.ravel([sum_dy, sum_dy_xhat]))
-    say(f"sum_dy = {_vec(sum_dy, digits)}, sum_dy_xhat = {_vec(sum_dy_xhat, digits)}  "
-        f"(bitwise the payload of the row sent: {same_b})")
-    say(_table(sent_b, members, C, names_bwd, digits))
-    say.step("7. backward: local sums and the buffer sent  (functional.batch_norm_backward_reduce)",
-             "Upstream gradient dy (random, never all ones); per channel sum(dy) and sum(dy * xhat).\n"
-             "Same buffer, same layout; count 0; the tag's layer number + 1 marks the backward pass.")
-
+    # The two local sums are read from the row this rank sent.
+    sum_dy, sum_dy_xhat = sent_b[gc.rank, HEADER:].reshape(2, C)
+    if full and n_r:
+        say(f"dy = {dy.tolist()}")
+    say(f"sent sum_dy = {_num(sum_dy, d, shown)}, sum_dy_xhat = {_num(sum_dy_xhat, d, shown)}"
+        + ("" if n_r else "  (empty shard: zeros)"))
+    show(check("they are bitwise this rank's dbeta and dgamma",
+               np.array_equal(sum_dy, bn.beta.grad) and np.array_equal(sum_dy_xhat, bn.gamma.grad)),
+         quiet=True)
     g_dy, g_dy_xhat = back_b[:, HEADER:].reshape(-1, 2, C).sum(axis=0)
-    say(_table(back_b, members, C, names_bwd, digits))
-    say(f"group sums (rows added in rank order): sum_dy = {_vec(g_dy, digits)}, "
-        f"sum_dy_xhat = {_vec(g_dy_xhat, digits)}")
-    if hi > lo:
-        d = digits
-        say("dx[0,0] = gamma*inv_std*(dy - sum_dy/N - xhat*sum_dy_xhat/N)")
-        say(f"        = {_p(gamma[0], d)}*{_p(inv_std[0], d)}*({_p(dy[0, 0], d)} - {_p(g_dy[0], d)}/{N}"
-            f" - {_p(xhat[0, 0], d)}*{_p(g_dy_xhat[0], d)}/{N}) = {dx[0, 0]:.{d}g}")
-    say(f"dgamma = this rank's sum_dy_xhat = {_vec(bn.gamma.grad, digits)}, "
-        f"dbeta = this rank's sum_dy = {_vec(bn.beta.grad, digits)}  (local shares)")
-    say.step("8. backward: what came back, and dx  (functional.batch_norm_backward_elemt)",
-             "dx needs only the group's two sums and N. dgamma/dbeta stay local: data parallelism\n"
-             "sums them over ranks later, like every other parameter's gradient.")
+    if full:
+        say("came back:\n" + _table(back_b, members, names_bwd, d, full))
+    if first or full:
+        say(f"group sums (rows added in rank order): sum_dy = {_num(g_dy, d, shown)}, "
+            f"sum_dy_xhat = {_num(g_dy_xhat, d, shown)}")
+    tables_b = comm.allgather(back_b.tobytes())
+    show(check(f"bitwise the same table on group ranks {members}",
+               all(tables_b[r] == tables_b[rank] for r in members)), quiet=not first)
+    say.step("5. backward: the two local sums, the second Allreduce  "
+             "(functional.batch_norm_backward_reduce)",
+             "Per channel sum(dy) and sum(dy * xhat) (dy random, never all ones), in the same\n"
+             "buffer with count 0. They are also this rank's dbeta and dgamma: local shares that\n"
+             "the training step sums over the ranks like every other parameter gradient.")
 
-    # Independent check: textbook batch norm of each group's concatenated batch.
+    # 6. dx --------------------------------------------------------------------------
+    if n_r and (first or full):
+        xhat00 = (x[0, 0] - mean[0]) * s[0]
+        say("dx[0,0] = gamma*s*(dy - sum_dy/N - xhat*sum_dy_xhat/N)")
+        say(f"        = {_p(gamma[0], d)}*{_p(s[0], d)}*({_p(dy[0, 0], d)} - {_p(g_dy[0], d)}/{N}"
+            f" - {_p(xhat00, d)}*{_p(g_dy_xhat[0], d)}/{N}) = {dx[0, 0]:.{d}g}")
+    elif full:
+        say("dx is empty")
+    say.step("6. input gradient  (functional.batch_norm_backward_elemt)",
+             "dx needs only the group's two sums, N, and what forward kept (x, mean, s).")
+
+    # 7. independent check: textbook batch norm of each group's concatenated batch.
     idx = np.concatenate([np.arange(cuts[r], cuts[r + 1]) for r in members]).astype(int)
     y_ref, dx_ref, mean_ref, var_ref = reference(x_all[idx], dy_all[idx], gamma, beta, bn.eps)
     mine = slice(sum(shards[r] for r in members[:gc.rank]), None)
-    err_y = float(np.abs(y - y_ref[mine][:hi - lo]).max(initial=0.0))
-    err_dx = float(np.abs(dx - dx_ref[mine][:hi - lo]).max(initial=0.0))
+    err_y = float(np.abs(y - y_ref[mine][:n_r]).max(initial=0.0))
+    err_dx = float(np.abs(dx - dx_ref[mine][:n_r]).max(initial=0.0))
     err_stats = float(max(np.abs(mean - mean_ref).max(), np.abs(M2 / N - var_ref).max()))
     # Summing the local dgamma over the group gives the concatenated batch's dgamma.
     shares = comm.allgather(bn.gamma.grad)
     dgamma_ref = (dy_all[idx] * (x_all[idx] - mean_ref) / np.sqrt(var_ref + bn.eps)).sum(axis=0)
     err_dgamma = float(np.abs(sum(shares[r] for r in members) - dgamma_ref).max())
-    say(f"max |y - y_concat| = {err_y:.1e}, max |dx - dx_concat| = {err_dx:.1e}, "
-        f"max |mean, var - concat| = {err_stats:.1e}")
-    say(f"max |sum of the group's dgamma - dgamma_concat| = {err_dgamma:.1e}; "
-        f"Allreduce calls: {gc.allreduce_calls}")
-    say.step("9. check against plain batch norm of each group's concatenated batch",
-             "Computed here with textbook NumPy formulas, independently of mpibn.functional.")
-    ok = comm.allreduce(int(max(err_y, err_dx, err_stats, err_dgamma) < 1e-12), op=MPI.MIN)
+    say(f"max abs difference: y {err_y:.1e}, dx {err_dx:.1e}, mean and var {err_stats:.1e}, "
+        f"group's sum of dgamma {err_dgamma:.1e}")
+    show(check("all within 1e-12, and " + ("2 Allreduce calls" if P > 1 else "no Allreduce (alone)"),
+               max(err_y, err_dx, err_stats, err_dgamma) < 1e-12
+               and gc.allreduce_calls == (2 if P > 1 else 0)), quiet=True)
+    say.step("7. check against plain batch norm of each group's concatenated batch",
+             "Textbook NumPy formulas, independent of mpibn.functional.")
+    results = comm.gather(check.results, root=0)
+    ok = comm.allreduce(int(check.ok), op=MPI.MIN)
     if rank == 0:
-        print("\none Allreduce forward, one backward; every group's result equals its "
-              "concatenated batch" if ok else "\nMISMATCH with the concatenated batch")
+        total = sum(len(r) for r in results)
+        print(f"\n{total} checks on {size} ranks ({'all printed' if full else 'failures and group checks printed'}): "
+              + ("all True. One Allreduce forward, one backward; every group's result equals its "
+                 "concatenated batch." if ok else "MISMATCH: some check is False"))
     bn.close()
     return 0 if ok else 1

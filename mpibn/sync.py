@@ -29,9 +29,9 @@ __all__ = ["sync_batch_norm", "sync_batch_norm_backward", "Saved"]
 class Saved:
     """What backward needs from forward (never recomputed in backward).
 
-    x (N, C, L) is kept by reference: do not modify it before backward.
+    x (B, C, L) is kept by reference: do not modify it before backward.
     ``count`` is the group's total count, or None when the statistics were
-    constants (eval mode, moving statistics): then backward communicates
+    constants (the moving statistics were used): then backward communicates
     nothing.
     """
 
@@ -59,7 +59,8 @@ def sync_batch_norm(x, gamma, beta, *, group_comm, eps=1e-5, training=True, runn
     ``running_var`` (arrays (C,), may be None) are then updated in place
     with MindSpore's momentum convention, only once every check has passed
     on every rank. training=False: ``running_mean``/``running_var`` are the
-    statistics and nothing is communicated.
+    statistics and nothing is communicated. (The layer decides ``training``
+    from ``use_batch_statistics``, not from its mode alone.)
 
     exact=True: mean and variance (and backward's two sums) come from exact
     integer sums carried in the same one Allreduce (``mpibn.sync_exact``),
@@ -68,8 +69,9 @@ def sync_batch_norm(x, gamma, beta, *, group_comm, eps=1e-5, training=True, runn
     Every rank of the group must pass the same ``exact``.
 
     Returns (y, saved): y has x's shape and dtype; ``saved`` feeds backward.
-    ``exchange`` is an optional preallocated ``comm.RowExchange`` (2 rows;
-    for exact=True one made by ``sync_exact.make_exchange(..., exact=True)``).
+    ``exchange`` is an optional preallocated ``comm.RowExchange`` (two
+    payload vectors of C numbers per row; for exact=True one made by
+    ``sync_exact.make_exchange(..., exact=True)``).
     """
     channels = np.shape(gamma)[0]
     context = _context(channels, "construct")

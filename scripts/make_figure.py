@@ -135,8 +135,9 @@ def backward(ax):
         (71.0, 15.0, "local sums\n$\\sum dy,\\ \\sum dy\\,\\hat x$", "batch_norm_backward_reduce"),
         (53.6, 12.0, "Allreduce SUM\nrow per rank", "RowExchange (comm.py)"),
         (34.0, 15.0, "group sums\n(rows added in rank order)", None),
-        (4.0, 24.0, "$dx = \\gamma\\,\\sigma^{-1}\\,(dy - \\frac{\\sum dy}{N}"
-                    " - \\hat x\\,\\frac{\\sum dy\\,\\hat x}{N})$", "batch_norm_backward_elemt"),
+        (4.0, 24.0, "$dx = \\gamma\\, s\\,(dy - \\frac{\\sum dy}{N}"
+                    " - \\hat x\\,\\frac{\\sum dy\\,\\hat x}{N})$"
+                    "\n$s = 1/\\sqrt{\\sigma^2 + \\epsilon}$", "batch_norm_backward_elemt"),
     ]
     for i, (x, w, text, func) in enumerate(steps):
         face = "#fff6d5" if "Allreduce" in text else "white"
@@ -149,8 +150,9 @@ def backward(ax):
             arrow(ax, prev - 0.4, y, x + w + 0.4, y, colour="#7b4f9e", lw=1.4)
     ax.text(71.0 + 7.5, y + 4.9, "also this rank's $d\\gamma,\\ d\\beta$ (local shares)",
             ha="center", fontsize=7.6, color="#7b4f9e")
-    ax.text(50, -0.3, "Nothing is communicated in eval mode. Counts travel in the buffer, so "
-            "uneven and empty shards combine exactly; nobody divides by the number of ranks.",
+    ax.text(50, -0.3, "Nothing is communicated when the moving statistics are used. Counts travel "
+            "in the buffer, so uneven and empty shards combine exactly; nobody divides by the number "
+            "of ranks.",
             ha="center", fontsize=8.3, color="#333333")
 
 

@@ -1,14 +1,33 @@
 #!/usr/bin/env python3
 """Why the group's statistics travel as (count, mean, centred m2), not (sum, sum of squares).
 
-    python scripts/variance_demo.py
+    python scripts/variance_demo.py            # the synchronisation schemes
+    python scripts/variance_demo.py --shard    # one shard's m2 against exact arithmetic
 
 Four uneven "ranks" (400, 300, 200 and 100 values) hold data with a large
-mean and a small spread. Each way of synchronising is simulated on one
-process (no MPI: mpibn.functional is pure NumPy) and compared with the
-exact variance of the concatenated values (fractions.Fraction, no rounding).
-The numbers are quoted in docs/derivation.md.
+mean and a small spread, and a drift between ranks so that their means
+differ. Each way of synchronising is simulated on one process (no MPI:
+mpibn.functional is pure NumPy) and compared with the exact variance of the
+concatenated values (fractions.Fraction, no rounding):
+
+* the sum and sum of squares, var = E[x^2] - E[x]^2 (a rounding problem);
+* the count-weighted average of the ranks' variances, which drops the
+  between-rank term (wrong even with equal shards, in exact arithmetic);
+* Flax's scheme, an unweighted mean over ranks of E[x] and of E[x^2],
+  evaluated in exact arithmetic, so that only the scheme's error shows
+  (in floating point it also cancels as the first row does);
+* mpibn: count, mean and centred m2, merged.
+
+``--shard`` measures instead the accuracy of one rank's local moments
+(``batch_norm_stats``) on one channel of n = 100,352 values, shaped
+(32, 1, 3136) so that the shard is larger than SMALL_SHARD and its head is
+the first 2 samples; once in random order and once sorted (the head then
+holds the smallest values, the worst case for the shift).
+
+The numbers are quoted in docs/derivation.md (tests/test_teaching.py checks
+the first block).
 """
+import argparse
 from fractions import Fraction
 
 import numpy as np
@@ -32,11 +51,21 @@ def naive(shards, acc):
     return float(s2 / acc(n) - (s1 / acc(n)) ** 2)
 
 
-def mean_of_means(shards):
-    """Each rank sends its own mean and variance; the group averages them (Flax, Paddle, Ascend)."""
-    means = [s.astype(np.float64).mean() for s in shards]
-    var = np.mean([s.astype(np.float64).var() for s in shards])
-    return float(np.mean(means)), float(var)
+def within_only(shards):
+    """Each rank's variance, averaged with the counts as weights: the between-rank term is lost."""
+    n = sum(len(s) for s in shards)
+    return float(sum(len(s) * s.astype(np.float64).var() for s in shards) / n)
+
+
+def flax_pmean(shards):
+    """Flax: var = mean_r E_r[x^2] - (mean_r E_r[x])^2, unweighted over ranks (exact arithmetic)."""
+    ex, ex2 = [], []
+    for s in shards:
+        values = [Fraction(float(v)) for v in s]
+        ex.append(sum(values) / len(values))
+        ex2.append(sum(v * v for v in values) / len(values))
+    mean = sum(ex) / len(ex)
+    return float(mean), float(sum(ex2) / len(ex2) - mean * mean)
 
 
 def mpibn(shards):
@@ -46,7 +75,38 @@ def mpibn(shards):
     return float(mean[0]), float(m2[0] / total)
 
 
+def exact_m2(x):
+    """Exact sum((x - mean)^2) of float values, as a float: integers on a common 2^-k grid."""
+    ratios = [float(v).as_integer_ratio() for v in x]
+    scale = max(d for _, d in ratios)
+    ints = [n * (scale // d) for n, d in ratios]            # x_i = ints[i] / scale, exactly
+    s1, s2 = sum(ints), sum(v * v for v in ints)
+    return float(Fraction(len(ints) * s2 - s1 * s1, len(ints) * scale * scale))
+
+
+def shard_accuracy():
+    rng = np.random.default_rng(0)
+    n = 32 * 3136
+    print(f"one shard, one channel, n = {n} values, shape (32, 1, 3136): relative error of m2")
+    for mu, sigma, dtype in [(0.0, 1.0, np.float64), (1e4, 1.0, np.float64),
+                             (1e4, 0.1, np.float32), (5.0, 1.0, np.float32)]:
+        x = rng.normal(mu, sigma, n).astype(dtype)
+        errors = []
+        for values in (x, np.sort(x)):
+            _, _, m2 = batch_norm_stats(values.reshape(32, 1, 3136))
+            true = exact_m2(values)
+            errors.append(abs(float(m2[0]) - true) / true)
+        print(f"  {np.dtype(dtype).name} data, mean {mu:g}, std {sigma:g}: random order "
+              f"{errors[0]:.1e}, sorted {errors[1]:.1e}")
+
+
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shard", action="store_true",
+                        help="measure one shard's m2 against exact arithmetic instead")
+    if parser.parse_args().shard:
+        shard_accuracy()
+        return
     rng = np.random.default_rng(0)
     cases = [("float64 data, mean 1e8, std 1", np.float64, 1e8, 1.0, np.float64),
              ("float32 data, mean 1e4, std 0.1, float32 sums", np.float32, 1e4, 0.1, np.float32),
@@ -63,9 +123,12 @@ def main():
         v = naive(shards, acc)
         print(f"  sum and sum of squares, E[x^2]-E[x]^2 : var {v:+.6g}   relative error "
               f"{abs(v - true) / true:.1e}")
-        m, v = mean_of_means(shards)
-        print(f"  mean of per-rank means and variances  : mean {m:.10g} var {v:.6g}   relative "
-              f"error of var {abs(v - true) / true:.1e}")
+        v = within_only(shards)
+        print(f"  weighted mean of rank variances       : var {v:.6g}   relative error "
+              f"{(v - true) / true:+.1e}  (between-rank term dropped)")
+        m, v = flax_pmean(shards)
+        print(f"  unweighted pmean of E[x], E[x^2] (Flax): mean {m:.10g} var {v:.6g}   relative "
+              f"error {(v - true) / true:+.1e}  (exact arithmetic)")
         m, v = mpibn(shards)
         print(f"  mpibn: count, mean, centred m2 (merge): mean {m:.10g} var {v:.10g}   relative "
               f"error {abs(v - true) / true:.1e}")

@@ -45,22 +45,75 @@ def test_check_setup():
     assert "sizes" in explain.check_setup(None, [3, 3], 3)
 
 
+def _run(groups=None, shards=None, digits=6, full=False):
+    args = argparse.Namespace(groups=groups, shards=shards, channels=2, digits=digits, seed=0,
+                              full=full)
+    return explain.run(args)
+
+
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.timeout(60)
-def test_explain_runs_and_agrees_with_the_concatenated_batch(capsys):
+@pytest.mark.parametrize("full", [False, True])
+@pytest.mark.parametrize("digits", [6, 17])
+def test_explain_every_check_is_true(capsys, full, digits):
+    # The review's failure: "bitwise the payload of the row sent: False" on
+    # ranks 0 and 2, because explain recomputed xhat and summed it. Any
+    # False anywhere in the output fails this test.
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
-    args = argparse.Namespace(groups=None, shards=None, channels=2, digits=6, seed=0)
-    rc = explain.run(args)
+    rc = _run(digits=digits, full=full)
     out = capsys.readouterr().out
     rcs = comm.allgather(rc)
     assert rcs == [0] * comm.Get_size()
     if comm.Get_rank() == 0:
-        assert "every group's result equals its concatenated batch" in out
-        assert out.count("bitwise the same table on group ranks") == comm.Get_size()
+        assert "False" not in out
         assert "MISMATCH" not in out
+        assert "all True" in out
+        assert out.count("check: ") >= (7 * comm.Get_size() if full else 1)
+        assert "layer 1 forward, call 1" in out and "layer 2" not in out
     else:
         assert out == ""
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.timeout(60)
+def test_explain_default_run_shows_the_mean_of_means_contrast(capsys):
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    rc = _run()
+    out = capsys.readouterr().out
+    assert comm.allgather(rc) == [0] * comm.Get_size()
+    if comm.Get_rank() == 0:
+        lines = out.splitlines()
+        # Group [0, 1] holds 3 and 1 samples: the true mean 10.375, the mean
+        # of the two ranks' means (10.0667 + 11.3)/2 = 10.6833.
+        assert "mean = (3*10.0667 + 1*11.3)/4 = 10.375" in out
+        assert "(10.0667 + 11.3)/2 = 10.6833" in out
+        assert len(lines) < 100, len(lines)            # short by default
+        # The sums shown are the ones the layer sent (read from the buffer).
+        assert "sent sum_dy = -4, sum_dy_xhat = 1.21034" in out
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60)
+def test_explain_checks_catch_a_wrong_payload(capsys, monkeypatch):
+    # The checks can fail: corrupt what the layer hands to MPI on one rank
+    # and explain must report False and exit 1 on every rank.
+    from mpi4py import MPI
+    from mpibn import comm as mcomm
+    comm = MPI.COMM_WORLD
+    inner = mcomm.GroupComm.allreduce_sum
+
+    def corrupting(self, buf, tag=(0, 0)):
+        if tag[0] % 2 == 1 and comm.Get_rank() == 0:     # backward rows of rank 0
+            buf[self.rank, -1] += 1.0
+        return inner(self, buf, tag)
+    monkeypatch.setattr(mcomm.GroupComm, "allreduce_sum", corrupting)
+    rc = _run(groups=None, shards=[2] * comm.Get_size())
+    out = capsys.readouterr().out
+    assert comm.allgather(rc) == [1] * comm.Get_size()
+    if comm.Get_rank() == 0:
+        assert "False" in out and "MISMATCH" in out
 
 
 @pytest.mark.mpi(min_size=2)
@@ -68,9 +121,7 @@ def test_explain_runs_and_agrees_with_the_concatenated_batch(capsys):
 def test_explain_refuses_bad_groups_on_every_rank(capsys):
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
-    args = argparse.Namespace(groups=[[0, comm.Get_size()]], shards=None, channels=2, digits=6,
-                              seed=0)
-    rc = explain.run(args)
+    rc = _run(groups=[[0, comm.Get_size()]])
     out = capsys.readouterr().out
     assert comm.allgather(rc) == [2] * comm.Get_size()
     assert ("error:" in out) == (comm.Get_rank() == 0)

@@ -80,6 +80,15 @@ def test_merge_is_bitwise_deterministic_and_ignores_empty_rows():
     assert a[1].tobytes() == b[1].tobytes() and a[2].tobytes() == b[2].tobytes()
 
 
+def test_merge_masks_m2_of_empty_rows():
+    # The case: an empty row whose m2 holds NaN (or anything else)
+    # must not reach M2; the other row alone is the group.
+    total, mean, m2 = F.merge_stats([0, 3], [[0.0], [1.0]], [[np.nan], [2.0]])
+    assert total == 3 and mean.tolist() == [1.0] and m2.tolist() == [2.0]
+    total, mean, m2 = F.merge_stats([0, 3], [[5.0], [1.0]], [[7.0], [2.0]])
+    assert total == 3 and mean.tolist() == [1.0] and m2.tolist() == [2.0]
+
+
 def test_merge_of_nothing():
     total, mean, m2 = F.merge_stats([0, 0], np.zeros((2, 3)), np.zeros((2, 3)))
     assert total == 0 and mean.shape == (3,)
