@@ -5,7 +5,8 @@ Rooms: ``mpibn.functional`` (the math, no MPI), ``mpibn.comm`` (group
 communicators and the one Allreduce per pass), ``mpibn.sync`` (math -> comm
 -> math, stateless), ``mpibn.layer`` (the MindSpore-shaped object),
 ``mpibn.init`` (initializers), ``mpibn.agree`` (ranks agree on how a layer is
-built), ``mpibn.checkpoint`` (state, atomic checkpoints).
+built), ``mpibn.checkpoint`` (state, atomic checkpoints), ``mpibn.testing`` (the
+reference in one process, without MPI, for other frameworks' test suites).
 """
 __version__ = "0.1.0"
 
@@ -22,7 +23,7 @@ def __getattr__(name):
     if name in ("save_checkpoint", "load_checkpoint", "load_param_into_net"):
         from . import checkpoint
         return getattr(checkpoint, name)
-    if name in ("functional", "init", "comm", "sync", "layer", "agree", "checkpoint"):
+    if name in ("functional", "init", "comm", "sync", "layer", "agree", "checkpoint", "testing", "verify"):
         import importlib
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,6 +18,8 @@ This module imports no mpi4py: it only calls ``comm.allgather``.
 """
 import builtins
 
+from .errors import ranks_said, said_once
+
 __all__ = ["agree_construction", "AgreementError"]
 
 
@@ -41,7 +43,7 @@ def _exception_type(name):
 
 
 def _ranks(ranks):
-    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks}"
+    return ranks_said(ranks)
 
 
 def describe_disagreement(fields_per_rank):
@@ -105,7 +107,7 @@ def agree_construction(comm, fields, error=None, context="SyncBatchNorm"):
     everyone = comm.allgather((_portable_error(error), None if error is not None else dict(fields)))
     failed = [(rank, err) for rank, (err, _) in enumerate(everyone) if err is not None]
     if failed:
-        said = "; ".join(f"rank {rank}: {msg}" for rank, (_, msg) in failed)
+        said = said_once((rank, msg) for rank, (_, msg) in failed)    # each message once
         exc = _exception_type(failed[0][1][0])(f"{context}: invalid arguments ({len(failed)} of "
                                                f"{len(everyone)} ranks): {said}")
         raise exc from error

@@ -105,6 +105,10 @@ def each(x, vectors, k, body):
     float64 buffers of the block's shape; both belong to the call only.
     Blocks come in a fixed order, so per-channel sums are reproducible.
     """
+    if x.size == 0:
+        # Nothing to visit: N, H or W is 0 (such a rank counts 0 values per
+        # channel, as an empty batch does), and _sizes would divide by L = 0.
+        return
     groups, full = _plan(x.shape, _block(x))
     vectors = [np.asarray(v, np.float64) for v in vectors]
     size = full[0] * full[1] * full[2]

@@ -142,11 +142,26 @@ def _fsync_dir(directory):
         os.close(fd)
 
 
+def _about(exc, path):
+    """``exc`` (an OSError met on the temporary file) retold about ``path``, the
+    file the caller asked for: same type and errno, so ``except`` clauses still
+    match; the temporary name means nothing to the caller."""
+    if exc.errno is None:
+        return type(exc)(f"cannot write checkpoint {path!r}: {exc}")
+    return type(exc)(exc.errno, f"cannot write checkpoint ({exc.strerror})", path)
+
+
 def atomic_save(path, arrays):
-    """Write ``arrays`` as an .npz at ``path``: all of it, or nothing changes."""
+    """Write ``arrays`` as an .npz at ``path``: all of it, or nothing changes.
+
+    An OSError names ``path`` (the original error, naming the temporary
+    file, is its ``__cause__``)."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise _about(exc, path) from exc
     try:
         with os.fdopen(fd, "wb") as f:
             _write_arrays(f, arrays)
@@ -156,11 +171,13 @@ def atomic_save(path, arrays):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)        # mkstemp made it 0600
         os.replace(tmp, path)                # atomic on POSIX and Windows
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError):
+            raise _about(exc, path) from exc
         raise
     _fsync_dir(directory)                    # make the rename itself durable
 

@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 
-from .errors import N_DETAILS, Problem
+from .errors import N_DETAILS, Problem, said_once
 
 
 def _mpi():
@@ -53,14 +53,20 @@ def validate_process_groups(process_groups, size):
     """Check MindSpore's ``process_groups`` argument against a comm of ``size``.
 
     TypeError for a non-list (the seed contract) or a non-list entry;
-    ValueError for non-int ids, ids outside [0, size), repeated ids and
-    empty groups. Returns a tuple of sorted tuples (the canonical form).
+    ValueError for non-int ids, ids outside [0, size), repeated ids, an
+    empty group and an empty list (``[]`` would silently turn
+    synchronisation off; ``None`` means all ranks). Returns the canonical
+    form: a tuple of sorted tuples, in sorted order, so that the same
+    partition written in any order is the same key on every rank.
     """
     if process_groups is None:
         return None
     if not isinstance(process_groups, list):
         raise TypeError(f"process_groups must be a list of lists of rank ids or None, "
                         f"got {type(process_groups).__name__}: {process_groups!r}")
+    if not process_groups:
+        raise ValueError("process_groups is [], which names no group; pass None to synchronise "
+                         "over all ranks of comm, or a list of non-empty lists of rank ids")
     seen = {}
     groups = []
     for i, group in enumerate(process_groups):
@@ -81,7 +87,7 @@ def validate_process_groups(process_groups, size):
                                  f"(in groups {seen[rank]} and {i}); ids must be distinct")
             seen[int(rank)] = i
         groups.append(tuple(sorted(int(r) for r in group)))
-    return tuple(groups)
+    return tuple(sorted(groups))
 
 
 class GroupComm:
@@ -176,12 +182,12 @@ class GroupComm:
         while not reduction.Test():
             if time.monotonic() > deadline:
                 missing = [self.ranks[r] for r, q in receives.items() if not q.Test()]
-                elsewhere = [f"rank {self.ranks[r]} in layer {int(heard[r][0])} call {int(heard[r][1])}"
+                elsewhere = [f"rank {self.ranks[r]} in {describe_tag(heard[r])}"
                              for r, q in receives.items() if self.ranks[r] not in missing
                              and tuple(heard[r]) != tuple(me)]
                 raise CollectiveTimeout(
-                    f"rank {self.ranks[self.rank]} waited {self.debug_timeout} s in layer {tag[0]} "
-                    f"call {tag[1]} of group {list(self.ranks)}; never arrived: {missing or 'none'}"
+                    f"rank {self.ranks[self.rank]} waited {self.debug_timeout} s in {describe_tag(tag)} "
+                    f"of group {list(self.ranks)}; never arrived: {missing or 'none'}"
                     + (f"; in another call: {', '.join(elsewhere)}" if elsewhere else ""))
             time.sleep(1e-4)
         MPI.Request.Waitall(requests + list(receives.values()))
@@ -312,24 +318,39 @@ class RowExchange:
                 self.group._shared[:self.shared_width] = np.ravel(shared)
         # The rows alone when the group has no summed region (the same memory).
         self.group.allreduce_sum(self.group._flat if self.group._shared.size else buf, tag)
-        raise_agreed(buf, self.group, context)
+        raise_agreed(buf, self.group, context, problem)
         check_tags(buf, self.group, context)
         payloads = buf[:, HEADER:self.width].reshape(-1, self.k, self.channels)
         return buf[:, 1].copy(), payloads.copy()
 
 
-def raise_agreed(buf, group, context):
+def raise_agreed(buf, group, context, own=None):
     """Raise, on every rank, the exception for the problems in ``buf``'s rows.
 
     The type is that of the lowest-ranked offender; the message names every
-    offending rank (by its rank in the parent communicator) and its problem.
+    offending rank (by its rank in the parent communicator) and its problem,
+    each distinct problem once. ``own``: this rank's Problem, if any; the
+    local exception behind it (``Problem.cause``) is chained on this rank.
     """
     bad = np.flatnonzero(buf[:, 0])
     if bad.size == 0:
         return
     problems = [(group.ranks[r], Problem.from_numbers(buf[r, 0], buf[r, 4:HEADER])) for r in bad]
-    parts = "; ".join(f"rank {rank}: {p.describe()}" for rank, p in problems)
-    raise problems[0][1].exception_type()(f"{context} (group ranks {list(group.ranks)}): {parts}")
+    parts = said_once((rank, p.describe()) for rank, p in problems)
+    exc = problems[0][1].exception(f"{context} (group ranks {list(group.ranks)}): {parts}")
+    raise exc from getattr(own, "cause", None)
+
+
+def describe_tag(tag):
+    """A row's (layer, call) tag in words. The layer numbers its tags
+    2 * serial (forward) and 2 * serial + 1 (backward), serial = 1, 2, ...;
+    the stateless API sends (0, 0); a backward with no forward (-1, -1)."""
+    code, call = int(tag[0]), int(tag[1])
+    if code < 0:
+        return "a backward() with no forward()"
+    if code < 2:
+        return f"a stateless call{f' (call {call})' if call else ''}"
+    return f"layer {code // 2} {'backward' if code % 2 else 'forward'} call {call}"
 
 
 def check_tags(buf, group, context):
@@ -337,14 +358,15 @@ def check_tags(buf, group, context):
     tags = buf[:, 2:4]
     if (tags == tags[0]).all():
         return
-    calls = "; ".join(f"rank {rank}: layer {int(t[0])} call {int(t[1])}" for rank, t in zip(group.ranks, tags))
+    calls = said_once((rank, describe_tag(t)) for rank, t in zip(group.ranks, tags))
     raise RuntimeError(f"{context} (group ranks {list(group.ranks)}): ranks are in different layer "
                        f"calls, so their statistics cannot be combined: {calls}. Every rank of a "
-                       f"group must call its layers in the same order")
+                       f"group must call its layers in the same order (layers are numbered in "
+                       f"the order they were constructed)")
 
 
 def local_problem(problem, group, context):
     """Raise a problem found where nothing is communicated (no peer waits)."""
     if problem is not None:
         where = f" (rank {group.ranks[group.rank]})" if group is not None else ""
-        raise problem.exception_type()(f"{context}{where}: {problem.describe()}")
+        raise problem.exception(f"{context}{where}: {problem.describe()}") from problem.cause

@@ -20,6 +20,7 @@ import numpy as np
 
 from .agree import agree_construction
 from .comm import group_comm_for, validate_process_groups
+from .fingerprint import digest
 from .init import initializer
 from .sync import sync_batch_norm, sync_batch_norm_backward
 from .sync_exact import make_exchange
@@ -72,6 +73,17 @@ def _check_args(num_features, eps, momentum, affine, use_batch_statistics, dtype
     return int(num_features), float(eps), float(momentum), bool(affine), dtype
 
 
+def _lockstep(lockstep):
+    if lockstep is None:
+        text = os.environ.get("MPIBN_LOCKSTEP", "").strip().lower()
+        if text not in ("", "0", "1", "false", "true", "no", "yes"):
+            raise ValueError(f"MPIBN_LOCKSTEP must be 1 or 0, got {text!r}")
+        return text in ("1", "true", "yes")
+    if not isinstance(lockstep, (bool, np.bool_)):
+        raise TypeError(f"lockstep must be a bool or None, got {type(lockstep).__name__}: {lockstep!r}")
+    return bool(lockstep)
+
+
 class SyncBatchNorm:
     """Batch normalization synchronised over the ranks of each process group.
 
@@ -90,6 +102,16 @@ class SyncBatchNorm:
       with a deadline, and a rank that waits longer raises
       ``mpibn.comm.CollectiveTimeout`` naming the ranks that never arrived.
       Also set by the environment variable ``MPIBN_DEBUG_TIMEOUT``.
+    * ``lockstep``: False (default) or True; None reads the environment
+      variable ``MPIBN_LOCKSTEP`` (``1``/``0``). True is a promise that every
+      rank of the group makes the same sequence of forward calls on this
+      layer, eval ones included. Each row's call number then counts eval
+      forwards too, so a rank that ran a forward in eval mode while its
+      peers trained (it forgot ``set_train(True)``) arrives one call ahead
+      at the next training collective, and every rank raises RuntimeError
+      there instead of mixing statistics of two steps. Evaluating on some
+      ranks only is then an error: leave it off for that. Why the default
+      cannot catch this: docs/reliability.md.
     * ``exact``: False (default) or True: batch mean and variance correctly
       rounded from exact integer sums (``mpibn.exact``), still one Allreduce
       per pass; y and dx then do not depend, bit for bit, on how the group's
@@ -102,7 +124,7 @@ class SyncBatchNorm:
     def __init__(self, num_features, eps=1e-5, momentum=0.9, affine=True, gamma_init="ones",
                  beta_init="zeros", moving_mean_init="zeros", moving_var_init="ones",
                  use_batch_statistics=None, process_groups=None, *, dtype=np.float32, comm=None,
-                 nonfinite="raise", debug_timeout=None, exact=False):
+                 nonfinite="raise", debug_timeout=None, exact=False, lockstep=None):
         if comm is None:
             from mpi4py import MPI
             comm = MPI.COMM_WORLD
@@ -115,7 +137,7 @@ class SyncBatchNorm:
         try:
             self._init_local(num_features, eps, momentum, affine, gamma_init, beta_init, moving_mean_init,
                              moving_var_init, use_batch_statistics, process_groups, dtype, nonfinite,
-                             debug_timeout, exact)
+                             debug_timeout, exact, lockstep)
             error = None
         except (TypeError, ValueError) as exc:
             error = exc
@@ -136,8 +158,9 @@ class SyncBatchNorm:
 
     #: Construction arguments every rank of ``comm`` must agree on (mpibn.agree).
     #: debug_timeout too: a non-blocking Iallreduce does not match a blocking Allreduce.
+    #: The initial values of the four parameters are compared too (``agreed_fields``).
     AGREED_FIELDS = ("num_features", "eps", "momentum", "dtype", "affine", "use_batch_statistics",
-                     "process_groups", "nonfinite", "debug_timeout", "exact")
+                     "process_groups", "nonfinite", "debug_timeout", "exact", "lockstep")
 
     def agreed_fields(self):
         """{field: plain comparable value} for the construction agreement."""
@@ -146,11 +169,17 @@ class SyncBatchNorm:
                  "use_batch_statistics": lambda u: None if u is None else bool(u),
                  # the group-wide environment switch counts too (see mpibn.comm)
                  "debug_timeout": lambda t: t if t is not None else os.environ.get("MPIBN_DEBUG_TIMEOUT")}
-        return {f: canon.get(f, lambda v: v)(getattr(self, f)) for f in self.AGREED_FIELDS}
+        fields = {f: canon.get(f, lambda v: v)(getattr(self, f)) for f in self.AGREED_FIELDS}
+        # A rank-dependent initializer (an ndarray that differs per rank) would
+        # make the ranks train different models: compare a digest of the values.
+        for arg, p in zip(("gamma_init", "beta_init", "moving_mean_init", "moving_var_init"),
+                          self.get_parameters()):
+            fields[f"initial {p.name} ({arg})"] = digest(p.data)
+        return fields
 
     def _init_local(self, num_features, eps, momentum, affine, gamma_init, beta_init, moving_mean_init,
                     moving_var_init, use_batch_statistics, process_groups, dtype, nonfinite, debug_timeout,
-                    exact=False):
+                    exact=False, lockstep=None):
         """Argument checks and parameters: local, no communication."""
         num_features, eps, momentum, affine, dtype = _check_args(
             num_features, eps, momentum, affine, use_batch_statistics, dtype, nonfinite)
@@ -177,6 +206,7 @@ class SyncBatchNorm:
         if debug_timeout is not None and not (isinstance(debug_timeout, numbers.Real) and debug_timeout > 0):
             raise ValueError(f"debug_timeout must be a number of seconds > 0 or None, got {debug_timeout!r}")
         self.debug_timeout = None if debug_timeout is None else float(debug_timeout)
+        self.lockstep = _lockstep(lockstep)
         self._canonical_groups = validate_process_groups(process_groups, self.comm.Get_size())
 
     # -- MindSpore-style surface --------------------------------------------------------
@@ -250,7 +280,11 @@ class SyncBatchNorm:
         self._check_open("construct")
         self._saved = None
         training = self.uses_batch_statistics
-        if training:
+        # The call number in the row counts training forwards; with lockstep
+        # eval forwards too, which no collective sees until the next
+        # training call (where a rank that evaluated instead of training
+        # shows up one call ahead).
+        if training or self.lockstep:
             self._calls += 1
         y, saved = sync_batch_norm(
             x, self.gamma.data, self.beta.data, group_comm=self.group_comm, eps=self.eps,

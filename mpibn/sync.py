@@ -15,12 +15,24 @@ reachable as ``mpibn.functional.sync_batch_norm``)::
     y, saved = sync_batch_norm(x, gamma, beta, group_comm=group_comm, training=True,
                                running_mean=rm, running_var=rv, momentum=0.9)
     dx, dgamma, dbeta = sync_batch_norm_backward(dy, saved)
+
+**The rule of every pass: local work cannot skip the collective.** What a
+rank computes before the Allreduce (input checks, local moments or sums,
+exact mode's integer limbs) runs through ``errors.guarded``: a bad input
+becomes a problem code in this rank's row, and so does any *unexpected*
+exception, however deep in the math (``errors.LOCAL_ERROR``, carrying the
+exception's type name). The rank still joins the collective, and every
+rank of the group raises the same exception (the rank that had it with
+the original chained as ``__cause__``). Nothing a rank does on its own can
+leave its peers waiting.
 """
 import numpy as np
 
 from . import functional as F
-from .comm import GroupComm, local_problem
-from .errors import BACKWARD_TWICE, NO_FORWARD, Problem, check_grad, check_input
+from .comm import GroupComm, RowExchange, local_problem
+from .errors import (BACKWARD_TWICE, NO_FORWARD, X_CHANGED, Problem, check_grad, check_input,
+                     guarded, said_once)
+from .fingerprint import fingerprint
 from .sync_exact import exact_backward_sums, exact_statistics, make_exchange
 
 __all__ = ["sync_batch_norm", "sync_batch_norm_backward", "Saved"]
@@ -29,23 +41,38 @@ __all__ = ["sync_batch_norm", "sync_batch_norm_backward", "Saved"]
 class Saved:
     """What backward needs from forward (never recomputed in backward).
 
-    x (B, C, L) is kept by reference: do not modify it before backward.
+    x (B, C, L) is kept by reference, with ``fingerprint`` (``mpibn.fingerprint``)
+    taken in forward: backward refuses an x modified in place in between.
     ``count`` is the group's total count, or None when the statistics were
     constants (the moving statistics were used): then backward communicates
     nothing.
     """
 
-    def __init__(self, x, shape, mean, inv_std, var, gamma, count, group_comm, exchange, tag, exact=False):
+    def __init__(self, x, shape, mean, inv_std, var, gamma, count, group_comm, exchange, tag, exact=False,
+                 fingerprint=None):
         self.x, self.shape, self.mean, self.inv_std, self.gamma = x, shape, mean, inv_std, gamma
         self.var = var            # biased batch variance (None with constant statistics)
         self.count = count
         self.group_comm, self.exchange, self.tag = group_comm, exchange, tag
         self.exact = exact
+        self.fingerprint = fingerprint     # None: x is a private copy nobody else can change
         self.used = False
 
 
 def _context(num_features, what):
     return f"SyncBatchNorm(num_features={num_features}).{what}"
+
+
+def _channels(gamma):
+    shape = np.shape(gamma)
+    if len(shape) != 1:
+        raise ValueError(f"gamma must be 1-D (C,), got shape {shape}")
+    return shape[0]
+
+
+def _native(a):
+    """``a`` in native byte order: big-endian input is converted once (a copy)."""
+    return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
 
 
 def sync_batch_norm(x, gamma, beta, *, group_comm, eps=1e-5, training=True, running_mean=None,
@@ -68,18 +95,29 @@ def sync_batch_norm(x, gamma, beta, *, group_comm, eps=1e-5, training=True, runn
     bitwise the same however the group's batch is split across its ranks.
     Every rank of the group must pass the same ``exact``.
 
-    Returns (y, saved): y has x's shape and dtype; ``saved`` feeds backward.
-    ``exchange`` is an optional preallocated ``comm.RowExchange`` (two
-    payload vectors of C numbers per row; for exact=True one made by
-    ``sync_exact.make_exchange(..., exact=True)``).
+    Returns (y, saved): y has x's shape and dtype (native byte order); ``saved``
+    feeds backward. ``exchange`` is an optional preallocated ``comm.RowExchange``
+    (two payload vectors of C numbers per row; for exact=True one made by
+    ``sync_exact.make_exchange(..., exact=True)``), made alike on every rank
+    of the group (a layer makes its own at construction, when the ranks
+    have agreed on num_features). Without one, a training call
+    first makes one more small Allreduce (2 numbers per rank) so that the ranks
+    agree on the channel count and ``exact`` before the buffer's size depends
+    on them (``agreed_exchange``): two Allreduces per training forward instead
+    of one.
     """
-    channels = np.shape(gamma)[0]
-    context = _context(channels, "construct")
+    original = x
     if group_comm is None:
         group_comm = GroupComm(None, (0,), 0)     # no peers: plain batch norm
-    problem = check_input(x, channels)
+    problem, channels = guarded(None, lambda: _channels(gamma))
+    context = _context("?" if channels is None else channels, "construct")
+    if problem is None:
+        problem = check_input(x, channels)
+    if problem is None and not x.dtype.isnative:
+        problem, x = guarded(None, lambda: _native(original))
     if training:
-        exchange = exchange or make_exchange(group_comm, channels, exact)
+        if exchange is None:
+            exchange = agreed_exchange(group_comm, channels, exact, problem, tag)
         mean, inv_std, count, var = batch_statistics(
             x, problem, exchange, eps, context, tag, running_mean, running_var, momentum, nonfinite,
             exact)
@@ -92,8 +130,44 @@ def sync_batch_norm(x, gamma, beta, *, group_comm, eps=1e-5, training=True, runn
     # With nonfinite='propagate', Inf - Inf = NaN is the asked-for result, not news.
     with np.errstate(invalid="ignore" if nonfinite == "propagate" else "warn"):
         y = F.batch_norm_elemt(x3, mean, inv_std, gamma, beta)
-    saved = Saved(x3, x.shape, mean, inv_std, var, gamma, count, group_comm, exchange, tag, exact)
+    # x3 shares memory with the caller's x unless as_ncl or _native copied it.
+    # In eval, x feeds only this rank's dgamma (dx = gamma * inv_std * dy) and
+    # the forward is one cheap pass: the sampled values only, not a full read.
+    mark = fingerprint(x3, full=training) if np.may_share_memory(x3, original) else None
+    saved = Saved(x3, x.shape, mean, inv_std, var, gamma, count, group_comm, exchange, tag, exact, mark)
     return y.reshape(x.shape), saved
+
+
+def agreed_exchange(group_comm, channels, exact, problem, tag):
+    """A stateless training call's exchange, once the group agrees on its size.
+
+    The buffer's width grows with the channel count. Ranks that passed
+    different counts would call Allreduce with different sizes (MPICH aborts
+    the job with "Message truncated"; other MPIs may corrupt memory), so a
+    fixed-size Allreduce of (channels, exact) per rank comes first and any
+    difference is a ValueError on every rank. A rank whose channel count is
+    unknown (bad gamma) flags its problem here.
+    """
+    # The context names no channel count: the ranks disagree on it, and the
+    # message must be the same on every rank.
+    context = "sync_batch_norm"
+    probe = RowExchange(group_comm, 2, 1)
+    _, rows = probe.exchange(problem if channels is None else None, 0,
+                             None if channels is None else [channels, float(bool(exact))], context, tag)
+    seen = rows[:, 0, :]
+    if not (seen == seen[0]).all():
+        said = said_once((rank, f"{int(c)} channels, exact={bool(e)}")
+                         for rank, (c, e) in zip(group_comm.ranks, seen))
+        raise ValueError(f"{context} (group ranks {list(group_comm.ranks)}): every rank must pass "
+                         f"gamma and x with the same channel count, and the same exact; got {said}")
+    return make_exchange(group_comm, channels, exact)
+
+
+def _local_moments(x):
+    # inf - inf is NaN here: no warning, the agreed check after the exchange reports it
+    with np.errstate(invalid="ignore"):
+        count, mean, m2 = F.batch_norm_stats(F.as_ncl(x))
+    return count, (mean, m2)
 
 
 def batch_statistics(x, problem, exchange, eps, context, tag, running_mean=None, running_var=None,
@@ -103,12 +177,8 @@ def batch_statistics(x, problem, exchange, eps, context, tag, running_mean=None,
     if exact:
         counts, rows, total, mean, var, unbiased = exact_statistics(x, problem, exchange, context, tag)
     else:
-        count, local = 0, None
-        if problem is None:
-            # inf - inf is NaN here: no warning, the agreed check below reports it
-            with np.errstate(invalid="ignore"):
-                count, mean, m2 = F.batch_norm_stats(F.as_ncl(x))
-            local = (mean, m2)
+        problem, moments = guarded(problem, lambda: _local_moments(x))
+        count, local = moments if problem is None else (0, None)
         counts, rows = exchange.exchange(problem, count, local, context, tag)
         total, mean, m2 = F.merge_stats(counts, rows[:, 0], rows[:, 1])
     if total <= 1:
@@ -119,12 +189,38 @@ def batch_statistics(x, problem, exchange, eps, context, tag, running_mean=None,
         _check_finite(rows, group_comm, context)
     if not exact:
         var, unbiased = m2 / total, m2 / (total - 1)
+    new_mean = _moving(running_mean, mean, momentum)
+    new_var = _moving(running_var, unbiased, momentum)
+    if nonfinite == "raise":
+        _check_moving_finite(new_mean, new_var, context)
     # State changes only now, when every check has passed on every rank.
     if running_mean is not None:
-        running_mean[...] = F.running_update(running_mean, mean, momentum)
+        running_mean[...] = new_mean
     if running_var is not None:
-        running_var[...] = F.running_update(running_var, unbiased, momentum)
+        running_var[...] = new_var
     return mean, F.inv_std_from_var(var, eps), total, var
+
+
+def _moving(running, batch_stat, momentum):
+    """The updated moving statistic, rounded to the dtype it is kept in (None without one)."""
+    if running is None:
+        return None
+    with np.errstate(over="ignore"):      # overflow is checked (or asked for) by the caller
+        return F.running_update(running, batch_stat, momentum).astype(np.asarray(running).dtype)
+
+
+def _check_moving_finite(new_mean, new_var, context):
+    """The batch statistics are finite here; the moving ones can still overflow in
+    their own dtype (float16: above 65504). Every rank of the group holds the same
+    moving statistics and updates them from the same group statistics, so this
+    check gives the same answer on every rank with no communication."""
+    for name, new in (("moving mean", new_mean), ("moving variance", new_var)):
+        if new is not None and not np.isfinite(new).all():
+            bad = np.flatnonzero(~np.isfinite(new))
+            raise FloatingPointError(
+                f"{context}: the {name} overflows {new.dtype} at channel(s) {bad[:8].tolist()} "
+                f"(largest finite {float(np.finfo(new.dtype).max):g}); moving statistics left "
+                f"unchanged (use a wider dtype, or nonfinite='propagate' to store the Inf)")
 
 
 def _check_finite(rows, group_comm, context):
@@ -145,33 +241,58 @@ def sync_batch_norm_backward(dy, saved, *, exchange=None, training=None):
     [sum dy, sum dy*xhat] when the forward used batch statistics); dgamma
     and dbeta are this rank's own float64 sums (C,).
 
+    x is kept from forward by reference, not copied. Changing it in place
+    before backward (``x *= 10``, ``x[0] += 1``, ``x[...] = other``) would
+    silently change dx, so backward first compares x with the fingerprint
+    forward took (``mpibn.fingerprint``: the sum of x's raw bits modulo 2^64
+    plus a few sampled values per (sample, channel) plane; one read of x at
+    memory speed in each pass, 2 to 3 % of a training step) and raises
+    RuntimeError instead, on every rank of the group in training. It cannot
+    see a reordering confined to unsampled positions. After an eval forward
+    (where x feeds only dgamma, not dx) only the sampled values are
+    compared, so a change at an unsampled position goes unseen there. Pass
+    forward a copy of x if you must reuse its memory before backward.
+
     ``saved`` may be None (no forward on this rank): then ``exchange`` (whose
     group and width match the peers') and ``training`` say whether the peers
     are in a collective; this rank joins it with an error flag so that every
-    rank raises the same RuntimeError instead of waiting forever.
+    rank raises the same RuntimeError instead of waiting forever. The same
+    for a second backward of one ``saved``.
     """
     if saved is None:
-        problem = Problem(NO_FORWARD)
+        problem = Problem(NO_FORWARD, 1 if training else 0)
     elif saved.used:
         problem = Problem(BACKWARD_TWICE)
+        exchange = exchange or saved.exchange
+        training = saved.count is not None if training is None else training
     else:
-        problem = check_grad(dy, saved.shape)
         exchange, training = saved.exchange or exchange, saved.count is not None
-    context = _context(exchange.channels if exchange else "?", "backward")
+        problem = check_grad(dy, saved.shape)
+        problem, changed = guarded(
+            problem, lambda: saved.fingerprint is not None
+            and fingerprint(saved.x, full=saved.count is not None) != saved.fingerprint)
+        if changed:
+            problem = Problem(X_CHANGED)
+    channels = saved.mean.shape[0] if saved is not None else exchange.channels if exchange else "?"
+    context = _context(channels, "backward")
+    group = exchange.group if exchange else None
     if not training:
-        local_problem(problem, exchange.group if exchange else None, context)
+        local_problem(problem, group, context)
 
     sums = dy3 = xhat = None
     exact = saved.exact if saved is not None else bool(exchange and exchange.shared_width)
     if problem is None:
-        dy3 = F.as_ncl(dy)
+        dy3 = F.as_ncl(_native(dy))
         if exact:
             # The exact sums need xhat itself (float64, full size).
-            xhat = (saved.x - saved.mean[:, None]) * saved.inv_std[:, None]
+            problem, xhat = guarded(None, lambda: (saved.x - saved.mean[:, None]) * saved.inv_std[:, None])
         else:
             # xhat = (x - mean) * inv_std is formed block by block from what
             # forward kept; it never exists in full.
-            sums = F.batch_norm_backward_reduce(dy3, x=saved.x, mean=saved.mean, inv_std=saved.inv_std)
+            problem, sums = guarded(None, lambda: F.batch_norm_backward_reduce(
+                dy3, x=saved.x, mean=saved.mean, inv_std=saved.inv_std))
+        if not training:
+            local_problem(problem, group, context)
     if exact:
         tag = (saved.tag[0] + 1, saved.tag[1]) if saved is not None else (-1, -1)
         mean_dy, mean_dy_xhat, sums = exact_backward_sums(

@@ -19,6 +19,7 @@ import numpy as np
 from . import exact as E
 from . import functional as F
 from .comm import RowExchange
+from .errors import guarded
 
 __all__ = ["make_exchange", "exact_statistics", "exact_backward_sums"]
 
@@ -43,9 +44,12 @@ def _exchange(exchange, problem, u3, w3, context, tag):
         raise ValueError(f"{context}: exact=True needs an exchange made by "
                          f"mpibn.sync_exact.make_exchange(..., exact=True)")
     count, local, shared, own = 0, None, None, None
+    # Local work cannot skip the collective (the rule of mpibn.sync): an
+    # exception in the exact sums travels as this rank's problem.
+    problem, own = guarded(problem, lambda: E.exact_sums(
+        _channels_last(u3), None if w3 is None else _channels_last(w3)))
     if problem is None:
         count = u3.shape[0] * u3.shape[2]
-        own = E.exact_sums(_channels_last(u3), None if w3 is None else _channels_last(w3))
         local, shared = own[2], np.concatenate(own[:2], axis=1)
     counts, rows = exchange.exchange(problem, count, local, context, tag, shared=shared)
     limbs = exchange.shared.reshape(exchange.channels, E.SHARED_WIDTH)
@@ -54,7 +58,7 @@ def _exchange(exchange, problem, u3, w3, context, tag):
 
 def exact_statistics(x, problem, exchange, context, tag):
     """(counts, rows, total, mean, var, unbiased) of the group, correctly rounded."""
-    x3 = F.as_ncl(x) if problem is None else None
+    problem, x3 = guarded(problem, lambda: F.as_ncl(x))
     counts, rows, (lin, prod), _ = _exchange(exchange, problem, x3, None, context, tag)
     total = int(counts.sum())
     mean, var, unbiased = E.exact_stats(total, lin, prod, rows.sum(axis=0))

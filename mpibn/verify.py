@@ -26,7 +26,8 @@ import numpy as np
 
 from .golden import FORMAT, FORMAT_VERSION
 
-__all__ = ["VerifyError", "load_manifest", "load_npz", "compare", "verify", "format_table"]
+__all__ = ["VerifyError", "load_manifest", "load_npz", "compare", "compare_quantity", "QuantityResult",
+           "verify", "format_table"]
 
 
 class VerifyError(Exception):
@@ -94,6 +95,37 @@ def compare(expected, result):
     return float(diff.max(initial=0.0)), float(scale), int(ulps.max(initial=0)), rdtype
 
 
+class QuantityResult:
+    """One quantity over all ranks: ``compare_quantity``'s verdict and measures."""
+
+    def __init__(self, per_rank, dtype, tolerance, passed):
+        self.per_rank = per_rank                   # [(max_abs, max_abs_expected, max_ulps)] by rank
+        self.dtype = np.dtype(dtype)
+        self.max_abs = max((p[0] for p in per_rank), default=0.0)
+        self.scale = max((p[1] for p in per_rank), default=0.0)
+        self.max_ulps = max((p[2] for p in per_rank), default=0)
+        self.max_rel = self.max_abs / self.scale if self.scale > 0 else self.max_abs
+        self.tolerance, self.passed = tolerance, passed
+
+
+def compare_quantity(pairs, rtol=None, atol=0.0, max_ulps=None):
+    """Compare one quantity over all ranks: ``pairs`` = [(expected, result)] by rank.
+
+    Normwise over the ranks together: pass when max |r - e| <= atol + rtol *
+    max |e| (rtol default 32 eps of the result's dtype) and, if given, max
+    ulps <= ``max_ulps``. The one comparison of ``verify`` and
+    ``mpibn.testing.assert_matches``.
+    """
+    per_rank, dt = [], np.dtype(np.float64)
+    for expected, result in pairs:
+        d, s, u, dt = compare(expected, result)
+        per_rank.append((d, s, u))
+    res = QuantityResult(per_rank, dt, 0.0, True)
+    res.tolerance = (32 * np.finfo(dt).eps if rtol is None else rtol) * res.scale + atol
+    res.passed = res.max_abs <= res.tolerance and (max_ulps is None or res.max_ulps <= max_ulps)
+    return res
+
+
 def verify(golden, results, scenarios=None, quantities=None, rtol=None, atol=0.0, max_ulps=None,
            skip_missing=False):
     """Rows [scenario, quantity, dtype, max_abs, max_rel, max_ulps, status] and overall ok."""
@@ -107,10 +139,10 @@ def verify(golden, results, scenarios=None, quantities=None, rtol=None, atol=0.0
     rows, ok = [], True
     for name in names:
         keys = [q for q in table[name]["outputs"] if quantities is None or q in quantities]
-        worst = {k: [0.0, 0.0, 0, None, False] for k in keys}     # abs, scale, ulps, dtype, seen
         if skip_missing and not os.path.isdir(os.path.join(results, name)):
             rows += [[name, k, "-", None, None, None, "missing"] for k in keys]
             continue
+        pairs = {k: [] for k in keys}                 # (expected, result) per rank
         for rank in range(manifest["ranks"]):
             rel = os.path.join(name, f"rank{rank}.npz")
             exp = load_npz(os.path.join(golden, rel), keys)
@@ -122,19 +154,15 @@ def verify(golden, results, scenarios=None, quantities=None, rtol=None, atol=0.0
                 if res[k].dtype.kind not in "fiu":
                     raise VerifyError(f"{os.path.join(results, rel)}: key {k!r} has dtype {res[k].dtype}, "
                                       f"expected a number type")
-                d, s, u, dt = compare(exp[k], res[k])
-                w = worst[k]
-                w[0], w[1], w[2], w[3], w[4] = max(w[0], d), max(w[1], s), max(w[2], u), dt, True
+                pairs[k].append((exp[k], res[k]))
         for k in keys:
-            d, s, u, dt, seen = worst[k]
-            if not seen:
+            if not pairs[k]:
                 rows.append([name, k, "-", None, None, None, "missing"])
                 continue
-            tol = (32 * np.finfo(dt).eps if rtol is None else rtol) * s + atol
-            passed = d <= tol and (max_ulps is None or u <= max_ulps)
-            ok &= passed
-            rows.append([name, k, np.dtype(dt).name, d, d / s if s > 0 else d, u,
-                         "pass" if passed else "FAIL"])
+            q = compare_quantity(pairs[k], rtol=rtol, atol=atol, max_ulps=max_ulps)
+            ok &= q.passed
+            rows.append([name, k, q.dtype.name, q.max_abs, q.max_rel, q.max_ulps,
+                         "pass" if q.passed else "FAIL"])
     return rows, ok
 
 

@@ -16,11 +16,15 @@ from mpibn.checkpoint import FORMAT_KEY, FORMAT_VERSION
 NAMES = ["gamma", "beta", "mean", "variance"]
 
 
-def trained_layer(dtype=np.float32, seed=0, comm=MPI.COMM_SELF, channels=3):
-    """A layer whose four parameters all differ from their initial values."""
+def trained_layer(dtype=np.float32, seed=0, comm=MPI.COMM_SELF, channels=3, init_seed=None):
+    """A layer whose four parameters all differ from their initial values.
+
+    ``init_seed``: draw gamma and beta from their own seed (every rank of a
+    synced layer must start from the same values); default: from ``seed``."""
     rng = np.random.default_rng(seed)
+    init = rng if init_seed is None else np.random.default_rng(init_seed)
     bn = SyncBatchNorm(channels, dtype=dtype, comm=comm,
-                       gamma_init=rng.uniform(0.5, 2, channels), beta_init=rng.normal(size=channels))
+                       gamma_init=init.uniform(0.5, 2, channels), beta_init=init.normal(size=channels))
     bn.set_train()
     for _ in range(2):
         bn(rng.normal(3.0, 2.0, (5, channels)).astype(dtype))
@@ -208,7 +212,7 @@ def test_writer_rank_argument(tmp_path):
 def test_one_rank_writes_every_rank_reads(mpi_tmp_path):
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
-    bn = trained_layer(comm=comm, seed=rank)           # synced: the same moving stats everywhere
+    bn = trained_layer(comm=comm, seed=rank, init_seed=7)   # synced: the same moving stats everywhere
     path = mpi_tmp_path / "bn.ckpt"
     wrote = mpibn.save_checkpoint(bn, path, rank=size - 1)
     comm.Barrier()                                     # the reader waits for the writer

@@ -65,9 +65,15 @@ def check_agreed(seen, err, exc_type, bad, size, says):
     assert len({(t, re.sub(r"\.(construct|backward) ", ".<call> ", m)) for t, m in seen}) == 1, seen
     msg = str(err)
     assert says in msg
-    for r in range(size):
-        named = f"rank {r}:" in msg or f"rank {r} channel" in msg
-        assert named == (r in bad), (r, msg)
+    assert named_ranks(msg) == set(bad), msg
+
+
+def named_ranks(msg):
+    """Ranks a message blames: 'rank 3: ...', 'ranks [0, 2]: ...' or 'rank 1 channel 2'."""
+    found = set()
+    for one, several in re.findall(r"\brank (\d+)(?=:| channel)|\branks \[([\d, ]+)\](?=:)", msg):
+        found |= {int(one)} if one else {int(r) for r in several.split(",")}
+    return found
 
 
 def trained(comm, **kwargs):

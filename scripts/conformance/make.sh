@@ -1,0 +1,54 @@
+#!/bin/sh
+# Remake docs/conformance/{mpibn-default,mpibn-exact,torch-cpu,flax-fast,flax-twopass}.json and
+# docs/conformance.md. Run from the checkout; W is a scratch directory. Frameworks live in their own
+# venvs (never in the project's):
+#   python3 -m venv /work/venvs/torch && /work/venvs/torch/bin/pip install torch==2.13.0 numpy
+#   python3 -m venv /work/venvs/jax && /work/venvs/jax/bin/pip install jax jaxlib flax
+# PY runs mpibn (the project venv, with mpi4py + MPICH); the adapters need only NumPy + the framework.
+set -eu
+W=${W:-/tmp/mpibn-conformance}
+PY=${PY:-.venv/bin/python}
+TORCH_PY=${TORCH_PY:-/work/venvs/torch/bin/python}
+JAX_PY=${JAX_PY:-/work/venvs/jax/bin/python}
+D=docs/conformance
+mkdir -p "$W" "$D"
+if [ "${SKIP_RUN:-0}" != 1 ]; then     # SKIP_RUN=1: score the results already in $W again
+$PY -m mpibn golden --out "$W/golden"                          # exact statistics: the reference
+$PY -m mpibn golden --out "$W/mpibn-default" --no-exact        # mpibn's default mode, mpiexec -n 4
+$PY scripts/adapters/mpibn_testing_adapter.py "$W/golden" "$W/mpibn-exact"   # in-process, no MPI
+$TORCH_PY scripts/adapters/torch_adapter.py "$W/golden" "$W/torch-cpu"
+$JAX_PY scripts/adapters/jax_adapter.py "$W/golden" "$W/flax-fast"
+$JAX_PY scripts/adapters/jax_adapter.py "$W/golden" "$W/flax-twopass" --exact-variance
+fi
+
+NP=$($PY -c 'import numpy; print(numpy.__version__)')
+MPI4PY=$($PY -c 'import mpi4py; print(mpi4py.__version__)')
+TORCH=$($TORCH_PY -c 'import torch; print(torch.__version__)')
+JAXV=$($JAX_PY -c 'import jax, flax; print(jax.__version__, flax.__version__)')
+COL="$PY scripts/conformance/column.py $W/golden"
+$COL "$W/mpibn-default" --column mpibn-default --out $D/mpibn-default.json --notes scripts/conformance/notes/mpibn-default.json \
+  --framework "mpibn SyncBatchNorm, default mode (exact=False), under mpiexec -n 4" \
+  --convention "MindSpore: momentum = weight of the old value, unbiased moving variance, statistics of the group's concatenated batch" \
+  --versions numpy=$NP mpi4py=$MPI4PY mpich=5.0.2 \
+  --command "python -m mpibn golden --out golden --no-exact   # scripts/conformance/make.sh"
+$COL "$W/mpibn-exact" --column mpibn-exact --out $D/mpibn-exact.json \
+  --framework "mpibn.testing.reference(exact=True): SyncBatchNorm's exact mode, simulated ranks in one process" \
+  --convention "MindSpore (as mpibn default); mean and variance correctly rounded" \
+  --versions numpy=$NP \
+  --command "python scripts/adapters/mpibn_testing_adapter.py golden mpibn-exact   # scripts/conformance/make.sh"
+$COL "$W/torch-cpu" --column torch-cpu --out $D/torch-cpu.json --notes scripts/conformance/notes/torch-cpu.json --peer-stats-dtype float32 \
+  --framework "torch.nn.functional.batch_norm (CPU) on each group's concatenated batch" \
+  --convention "momentum = weight of the NEW value (adapter passes 1 - m); unbiased running variance; statistics and parameters in float32" \
+  --versions torch=$TORCH numpy=$NP \
+  --command "python scripts/adapters/torch_adapter.py golden torch-cpu   # scripts/conformance/make.sh"
+$COL "$W/flax-fast" --column flax-fast --out $D/flax-fast.json --notes scripts/conformance/notes/flax-fast.json --peer-weights device --peer-moving-var biased --peer-stats-dtype float32 \
+  --framework "flax.linen.BatchNorm(axis_name=..., axis_index_groups=..., use_fast_variance=True) under jax.pmap, 4 host devices" \
+  --convention "momentum = weight of the old value; BIASED moving variance; statistics = pmean of per-device statistics (mask-aware per device)" \
+  --versions jax="${JAXV% *}" flax="${JAXV#* }" numpy=$NP \
+  --command "python scripts/adapters/jax_adapter.py golden flax-fast   # scripts/conformance/make.sh"
+$COL "$W/flax-twopass" --column flax-twopass --out $D/flax-twopass.json --notes scripts/conformance/notes/flax-twopass.json --peer-weights device --peer-moving-var biased --peer-stats-dtype float32 \
+  --framework "flax.linen.BatchNorm(..., use_fast_variance=False) under jax.pmap, 4 host devices" \
+  --convention "as Flax (fast): weight of old, biased moving variance, pmean of per-device statistics" \
+  --versions jax="${JAXV% *}" flax="${JAXV#* }" numpy=$NP \
+  --command "python scripts/adapters/jax_adapter.py golden flax-twopass --exact-variance   # scripts/conformance/make.sh"
+$PY scripts/conformance/report.py
