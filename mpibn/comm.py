@@ -168,8 +168,9 @@ class GroupComm:
         each rank also tells every peer "I am in (layer, call)" by a small
         point-to-point message, then polls. Past the deadline it raises
         ``CollectiveTimeout`` naming the peers it heard nothing from (and
-        those that are in another call); under ``python -m mpi4py`` that
-        ends the whole job instead of leaving it to hang.
+        those that are in another call, and those that arrived but went
+        silent: ``_silent``); under ``python -m mpi4py`` that ends the whole
+        job instead of leaving it to hang.
         """
         MPI = _mpi()
         me = np.array(tag, dtype=np.float64)
@@ -185,12 +186,33 @@ class GroupComm:
                 elsewhere = [f"rank {self.ranks[r]} in {describe_tag(heard[r])}"
                              for r, q in receives.items() if self.ranks[r] not in missing
                              and tuple(heard[r]) != tuple(me)]
+                lost = self._silent([r for r in peers if self.ranks[r] not in missing])
                 raise CollectiveTimeout(
                     f"rank {self.ranks[self.rank]} waited {self.debug_timeout} s in {describe_tag(tag)} "
                     f"of group {list(self.ranks)}; never arrived: {missing or 'none'}"
-                    + (f"; in another call: {', '.join(elsewhere)}" if elsewhere else ""))
+                    + (f"; in another call: {', '.join(elsewhere)}" if elsewhere else "")
+                    + (f"; lost (arrived, then silent {_PROBE_GRACE} s after the deadline: dead or "
+                       f"cut off): {lost}" if lost else ""))
             time.sleep(1e-4)
         MPI.Request.Waitall(requests + list(receives.values()))
+
+    def _silent(self, arrived):
+        """Which of the peers that arrived are gone (debug mode, past the deadline).
+
+        They all sent "I am here", yet the reduction did not complete: a
+        rank died or a link failed inside it. Every rank still waiting
+        reaches its deadline too, so each sends every peer a probe; a peer
+        whose probe does not come within _PROBE_GRACE s is reported lost.
+        """
+        sends = [self.comm.Isend(np.zeros(1), dest=r, tag=_PROBE_TAG) for r in arrived]
+        probes = {r: self.comm.Irecv(np.zeros(1), source=r, tag=_PROBE_TAG) for r in arrived}
+        end = time.monotonic() + _PROBE_GRACE
+        while not all(q.Test() for q in probes.values()) and time.monotonic() < end:
+            time.sleep(1e-3)
+        # Probes to and from lost peers never complete: keep them (and their
+        # buffers) alive rather than let MPI write into freed memory.
+        self._abandoned = (sends, probes)
+        return [self.ranks[r] for r, q in probes.items() if not q.Test()]
 
     def release(self):
         """Drop one user; the communicator is freed with its last user."""
@@ -208,6 +230,8 @@ class CollectiveTimeout(RuntimeError):
 
 
 _DEBUG_TAG = 0x6D70   # point-to-point tag of the debug-mode "I am here" messages
+_PROBE_TAG = 0x6D71   # and of the probes sent past a deadline
+_PROBE_GRACE = 2.0    # seconds a rank waits for its peers' probes
 
 # Comm.Split calls made so far (tests check that layers share communicators).
 split_calls = 0
