@@ -93,8 +93,10 @@ def test_hostnames_and_isolation():
     """Own hostname per host; PID and /dev/shm private to the host."""
     probe = ("import os, socket; from mpi4py import MPI; c = MPI.COMM_WORLD; "
              "open(f'/dev/shm/mpibn-probe-{c.rank}', 'w').close(); c.Barrier(); "
-             "print('rank', c.rank, socket.gethostname(), os.getpid() < 100, "
-             "sorted(f for f in os.listdir('/dev/shm') if f.startswith('mpibn-probe')), flush=True); "
+             "line = ' '.join(map(str, ('rank', c.rank, socket.gethostname(), os.getpid() < 100, "
+             "sorted(f for f in os.listdir('/dev/shm') if f.startswith('mpibn-probe'))))); "
+             # one writer: four ranks printing to one pipe can run their lines together
+             "lines = c.gather(line); c.rank or print(*lines, sep='\\n', flush=True); "
              "c.Barrier(); os.remove(f'/dev/shm/mpibn-probe-{c.rank}')")
     rc, text, prefix = run([PY, "-m", "mpi4py", "-c", probe], timeout=50)
     assert rc == 0, text
