@@ -1,14 +1,24 @@
-"""Command line: ``python -m mpibn COMMAND --help``."""
+"""Command line: ``mpibn COMMAND --help`` (or ``python -m mpibn COMMAND --help``)."""
 import argparse
 import json
+import os
 import sys
 
 from .launch import relaunch, under_mpiexec
 
 
+def prog():
+    """How the user started us: the ``mpibn`` console script, or ``python -m mpibn``."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "mpibn" if name.split(".")[0] == "mpibn" else "python -m mpibn"
+
+
+NP_HELP = "ranks to launch (default 4; under mpiexec: the ranks it started, and must equal them)"
+
+
 def _parser():
     parser = argparse.ArgumentParser(
-        prog="python -m mpibn",
+        prog=prog(),
         description="mpibn: reference SyncBatchNorm (MindSpore semantics) in NumPy over MPI.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -18,7 +28,7 @@ def _parser():
                     "(one may be empty) and compare y, dx and the statistics with a plain "
                     "float64 batch norm of the concatenated batch. Relaunches itself under "
                     "mpiexec when not started by one.")
-    demo.add_argument("-n", "--np", type=int, default=4, help="ranks to launch (default 4)")
+    demo.add_argument("-n", "--np", type=int, default=None, help=NP_HELP)
     demo.add_argument("--batch", type=int, default=10, help="global batch size (default 10)")
     demo.add_argument("--channels", type=int, default=3, help="channels (default 3)")
     demo.add_argument("--offset", type=float, default=5.0, help="mean of the data (default 5)")
@@ -42,7 +52,7 @@ def _add_golden_verify(sub):
                     "ranks and write DIR/manifest.json and DIR/<scenario>/rank<r>.npz (inputs and "
                     "mpibn's outputs). Relaunches itself under mpiexec when not started by one.")
     golden.add_argument("--out", required=True, metavar="DIR", help="directory to write")
-    golden.add_argument("-n", "--np", type=int, default=4, help="ranks to launch (default 4)")
+    golden.add_argument("-n", "--np", type=int, default=None, help=NP_HELP)
     golden.add_argument("--scenarios", metavar="NAMES", help="comma-separated subset (default: all)")
     golden.add_argument("--dtype", default="float32", choices=["float16", "float32", "float64"],
                         help="input dtype of the scenarios that do not fix one (default float32)")
@@ -53,8 +63,8 @@ def _add_golden_verify(sub):
         "verify", help="compare another backend's results with a golden directory",
         description="Compare RESULTS/<scenario>/rank<r>.npz (the golden layout, output keys) with "
                     "GOLDEN and print max abs / max rel (normwise) / max ulps per scenario and "
-                    "quantity. Exit 0 when all pass, 1 on a failure, 2 on a missing or malformed "
-                    "file or key.")
+                    "quantity. Exit 0 when all pass, 1 on a failure or when nothing was compared, "
+                    "2 on a missing or malformed file or key or an unknown scenario or quantity.")
     verify.add_argument("golden", metavar="GOLDEN")
     verify.add_argument("results", metavar="RESULTS")
     verify.add_argument("--rtol", type=float, default=None,
@@ -115,7 +125,7 @@ def _add_explain(sub):
                "  python -m mpibn explain --full                      # every channel and row\n"
                "  python -m mpibn explain --groups '[[0,1,3]]'        # rank 2 in no group\n"
                "  python -m mpibn explain --shards 4,0,1,3 --digits 17  # every bit of the buffer")
-    explain.add_argument("-n", "--np", type=int, default=4, help="ranks to launch (default 4)")
+    explain.add_argument("-n", "--np", type=int, default=None, help=NP_HELP)
     explain.add_argument("--groups", type=_groups, default=None, metavar="JSON",
                          help="process_groups as JSON (default [[0,1],[2,3]] on 4 ranks, "
                               "else null: all ranks)")
@@ -133,11 +143,11 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:               # every later argument belongs to mpibn.bench
         from . import bench as bench_module
-        return bench_module.main(argv[1:])
+        return bench_module.main(argv[1:], prog=f"{prog()} bench")
     args = _parser().parse_args(argv)
+    if args.command in ("demo", "explain", "golden"):
+        _resolve_np(args)
     if args.command == "demo":
-        if args.np < 1:
-            _parser().error(f"--np must be at least 1, got {args.np}")
         if args.batch < 2 or args.channels < 1:
             _parser().error("--batch must be at least 2 and --channels at least 1")
         if not under_mpiexec() and args.np > 1:
@@ -145,8 +155,6 @@ def main(argv=None):
         from . import demo as demo_module
         return demo_module.run(args)
     if args.command == "explain":
-        if args.np < 1:
-            _parser().error(f"--np must be at least 1, got {args.np}")
         if not 1 <= args.channels <= 8 or not 1 <= args.digits <= 17:
             _parser().error("--channels must be in 1..8 and --digits in 1..17")
         from . import explain as explain_module
@@ -160,8 +168,6 @@ def main(argv=None):
             return relaunch(args.np, argv, timeout=120)
         return explain_module.run(args)
     if args.command == "golden":
-        if args.np < 1:
-            _parser().error(f"--np must be at least 1, got {args.np}")
         if not under_mpiexec() and args.np > 1:
             return relaunch(args.np, argv, timeout=600)
         from . import golden as golden_module
@@ -170,6 +176,24 @@ def main(argv=None):
         from . import verify as verify_module
         return verify_module.run(args)
     return 2
+
+
+def _resolve_np(args):
+    """--np: how many ranks to launch; under mpiexec, a check of the ranks it started."""
+    if args.np is not None and args.np < 1:
+        _parser().error(f"--np must be at least 1, got {args.np}")
+    if not under_mpiexec():
+        args.np = 4 if args.np is None else args.np
+        return
+    from mpi4py import MPI
+    size = MPI.COMM_WORLD.Get_size()
+    if args.np is not None and args.np != size:
+        # Running on fewer or more ranks than asked would answer another question.
+        if MPI.COMM_WORLD.Get_rank() == 0:
+            _parser().error(f"--np {args.np} but mpiexec started {size} rank(s); "
+                            f"drop --np under mpiexec, or make the two agree")
+        sys.exit(2)
+    args.np = size
 
 
 if __name__ == "__main__":

@@ -58,8 +58,8 @@ torch = None
 TF = None
 
 
-def parse(argv):
-    p = argparse.ArgumentParser(prog="mpibn bench", description=__doc__.split("\n")[0].strip("`: "),
+def parse(argv, prog="mpibn bench"):
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0].strip("`: "),
                                 epilog="See docs/performance.md for what is measured and the last results.")
     p.add_argument("--np", type=int, nargs="*", default=[2, 4],
                    help="rank counts to relaunch under mpiexec (none: single process only)")
@@ -382,10 +382,10 @@ def pinned(threads):
     return all(os.environ.get(var) == str(threads) for var in THREAD_VARS)
 
 
-def main(argv=None):
+def main(argv=None, prog="mpibn bench"):
     global ARGS, torch, TF
     argv = sys.argv[1:] if argv is None else list(argv)
-    ARGS = parse(argv)
+    ARGS = parse(argv, prog)
     from .bench_grid import OPENBLAS_VARS, run_grid
     # The grid also runs without OpenBLAS settings of the environment (its process only).
     unset = OPENBLAS_VARS if ARGS.grid else ()

@@ -13,15 +13,17 @@ row per rank of the group, P the group size::
 HEADER = 12 numbers (status, count, layer, call and 8 details), then the
 payload (k = 2 vectors of C numbers for batch norm). Each rank writes only
 its own row and leaves the others zero; the Allreduce is a SUM, which then
-works as an allgather: every rank gets every row unchanged, whatever order
-or tree the MPI library used (only a -0.0 comes back as +0.0), and the
-caller combines the rows in rank order itself. Why that is exact, and why an
-Allreduce rather than an Allgather: docs/derivation.md, section 1. The
+works as an allgather: adding zeros is exact, so every rank gets every row
+bitwise as it was sent, whatever order or tree the MPI library used (only a
+-0.0 comes back as +0.0), and the caller combines the rows in rank order
+itself. Why, and why an Allreduce rather than an Allgather (a choice for
+simplicity: one code path for both modes; in the default mode an Allgather
+would move about half the bytes): docs/derivation.md, section 1. The
 price is P rows instead of one: P * (12 + 2C) numbers, small next to the
 activations for any realistic P.
 
-The count travels in the buffer, so uneven and empty shards combine exactly
-(never divide by the number of ranks). ``status_r`` is non-zero when rank r
+The count travels in the buffer, so uneven and empty shards are weighted
+by their counts (never divide by the number of ranks). ``status_r`` is non-zero when rank r
 found a problem in its own input: it still joins the collective, so nobody
 hangs, and then every rank raises the same exception (``raise_agreed``).
 ``layer_r`` and ``call_r`` say which layer and which of its calls the rank

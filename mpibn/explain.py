@@ -147,6 +147,18 @@ def _num(a, digits, channels):
     return f"{a[0]:.{digits}g}" if channels is None else _vec(a[:channels], digits)
 
 
+def _worked(name, formula, value, digits, channels):
+    """A formula worked out with channel 0's numbers: its channel-0 result,
+    then (full mode) the result for every channel."""
+    line = f"{name}{'' if channels is None else '[0]'} = {formula} = {np.ravel(value)[0]:.{digits}g}"
+    return line if channels is None else f"{line}; every channel: {_num(value, digits, channels)}"
+
+
+def _nested(a, digits):
+    """A 2-D array as nested lists, like x.tolist() (rows are samples)."""
+    return "[" + ", ".join(_vec(row, digits) for row in np.reshape(a, (len(a), -1))) + "]"
+
+
 def _p(v, digits):
     """A number for a worked formula: negative ones in parentheses."""
     return f"({v:.{digits}g})" if v < 0 else f"{v:.{digits}g}"
@@ -196,7 +208,7 @@ class Checks:
 
 
 def reference(x, dy, gamma, beta, eps):
-    """Textbook batch norm of a whole (N, C) batch in float64, written out
+    """Textbook batch norm of a whole (B, C) batch in float64, written out
     independently of mpibn.functional: (y, dx, mean, var)."""
     mean = x.mean(axis=0)
     var = ((x - mean) ** 2).mean(axis=0)
@@ -307,12 +319,12 @@ def run(args):
     m = bn.momentum
     if first or full:
         terms = " + ".join(f"{int(c)}*{_p(r[0, 0], d)}" for c, r in zip(counts, rows))
-        say(f"N = {N}; mean = ({terms})/{N} = {_num(mean, d, shown)}")
+        say(f"N = {N}; " + _worked("mean", f"({terms})/{N}", mean, d, shown))
         if P > 1:
             naive = rows[:, 0].mean(axis=0)
             listed = " + ".join(f"{_p(r[0, 0], d)}" for r in rows)
-            say(f"   (averaging the ranks' means instead: ({listed})/{P} = {_num(naive, d, shown)}:"
-                f" wrong, the counts differ)")
+            say("   (averaging the ranks' means instead: " + _worked("mean", f"({listed})/{P}", naive,
+                d, shown) + ": wrong, the counts differ)")
         within = rows[:, 1].sum(axis=0)
         say(f"M2 = sum m2_r + sum n_r (mean_r - mean)^2 = {_num(within, d, shown)} + "
             f"{_num(M2 - within, d, shown)} = {_num(M2, d, shown)}")
@@ -333,7 +345,7 @@ def run(args):
         say(f"y[0,0] = gamma*(x - mean)*s + beta = {_p(gamma[0], d)}*({_p(x[0, 0], d)} - "
             f"{_p(mean[0], d)})*{_p(s[0], d)} + {_p(beta[0], d)} = {y[0, 0]:.{d}g}")
         if full:
-            say(f"y = {_vec(y, d)}")
+            say(f"y = {_nested(y, d)}")
     else:
         say(f"y is empty, shape {y.shape}")
     say.step("4. output  (functional.batch_norm_elemt)",
@@ -347,7 +359,7 @@ def run(args):
     sum_dy, sum_dy_xhat = sent_b[gc.rank, HEADER:].reshape(2, C)
     if full and n_r:
         say(f"dy = {dy.tolist()}")
-    say(f"sent sum_dy = {_num(sum_dy, d, shown)}, sum_dy_xhat = {_num(sum_dy_xhat, d, shown)}"
+    say(f"{'sent' if P > 1 else 'local (not sent)'} sum_dy = {_num(sum_dy, d, shown)}, sum_dy_xhat = {_num(sum_dy_xhat, d, shown)}"
         + ("" if n_r else "  (empty shard: zeros)"))
     show(check("they are bitwise this rank's dbeta and dgamma",
                np.array_equal(sum_dy, bn.beta.grad) and np.array_equal(sum_dy_xhat, bn.gamma.grad)),
@@ -363,9 +375,10 @@ def run(args):
                all(tables_b[r] == tables_b[rank] for r in members)), quiet=not first)
     say.step("5. backward: the two local sums, the second Allreduce  "
              "(functional.batch_norm_backward_reduce)",
-             "Per channel sum(dy) and sum(dy * xhat) (dy random, never all ones), in the same\n"
-             "buffer with count 0. They are also this rank's dbeta and dgamma: local shares that\n"
-             "the training step sums over the ranks like every other parameter gradient.")
+             "Per channel sum(dy) and sum(dy * xhat) (dy random, never all ones), as the payload\n"
+             "of the same buffer (its count field is left 0: backward reuses forward's N).\n"
+             "They are also this rank's dbeta and dgamma: local shares that the training step\n"
+             "sums over the ranks like every other parameter gradient.")
 
     # 6. dx --------------------------------------------------------------------------
     if n_r and (first or full):
@@ -401,7 +414,7 @@ def run(args):
     if rank == 0:
         total = sum(len(r) for r in results)
         print(f"\n{total} checks on {size} ranks ({'all printed' if full else 'failures and group checks printed'}): "
-              + ("all True. One Allreduce forward, one backward; every group's result equals its "
-                 "concatenated batch." if ok else "MISMATCH: some check is False"))
+              + ("all True. One Allreduce forward and one backward in each group of two or more "
+                 "ranks (none for a rank alone); every group's result equals its concatenated batch." if ok else "MISMATCH: some check is False"))
     bn.close()
     return 0 if ok else 1

@@ -272,7 +272,8 @@ class SyncBatchNorm:
         return self.construct(x)
 
     def construct(self, x):
-        """y = gamma * (x - mean) / sqrt(var + eps) + beta, x (N, C) or (N, C, H, W).
+        """y = gamma * (x - mean) / sqrt(var + eps) + beta, x (B, C) or (B, C, H, W),
+        B the batch size (MindSpore writes N).
 
         With batch statistics: one Allreduce over the group, then the moving
         statistics are updated. With moving statistics: no communication.

@@ -240,7 +240,7 @@ def _check_finite(rows, group_comm, context):
 def sync_batch_norm_backward(dy, saved, *, exchange=None, training=None):
     """(dx, dgamma, dbeta) for the forward that returned ``saved``.
 
-    dx is the exact gradient of the group's loss (one Allreduce of
+    dx is the gradient of the group's loss (one Allreduce of
     [sum dy, sum dy*xhat] when the forward used batch statistics); dgamma
     and dbeta are this rank's own float64 sums (C,).
 

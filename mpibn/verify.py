@@ -14,8 +14,9 @@ ranks, it prints::
 
 rtol defaults to 32 eps of the result's dtype (float16 9.8e-4, float32
 1.2e-7, float64 2.2e-16 before the factor). NaN in both places counts as
-equal. Exit status: 0 all pass, 1 some quantity fails, 2 unusable input (a
-missing or malformed file or key, named in the message).
+equal. Exit status: 0 all pass, 1 some quantity fails or nothing was
+compared, 2 unusable input (a missing or malformed file or key, an unknown
+scenario or quantity, named in the message).
 """
 import json
 import os
@@ -185,12 +186,26 @@ def format_table(rows, markdown=False):
     return "\n".join(line.rstrip() for line in lines)
 
 
+def _quantities(args):
+    """--quantities as a list (None: all); VerifyError naming the ones no scenario has."""
+    if args.quantities is None:
+        return None
+    names = args.quantities.split(",")
+    manifest = load_manifest(args.golden)
+    known = sorted({q for entry in manifest["scenarios"].values() for q in entry["outputs"]})
+    unknown = [q for q in names if q not in known]
+    if unknown:
+        raise VerifyError(f"--quantities: no quantity(ies) {unknown} in "
+                          f"{os.path.join(args.golden, 'manifest.json')}; it has {known}")
+    return names
+
+
 def run(args):
     """CLI entry (no MPI needed): print the table, return the exit status."""
     try:
         rows, ok = verify(args.golden, args.results,
-                          scenarios=args.scenarios.split(",") if args.scenarios else None,
-                          quantities=args.quantities.split(",") if args.quantities else None,
+                          scenarios=args.scenarios.split(",") if args.scenarios is not None else None,
+                          quantities=_quantities(args),
                           rtol=args.rtol, atol=args.atol, max_ulps=args.max_ulps,
                           skip_missing=args.skip_missing)
     except VerifyError as exc:
@@ -198,5 +213,11 @@ def run(args):
         return 2
     print(format_table(rows, markdown=args.markdown))
     failed = sum(r[-1] == "FAIL" for r in rows)
+    compared = sum(r[-1] in ("pass", "FAIL") for r in rows)
+    if compared == 0:
+        # Nothing checked is no evidence of agreement: never report success.
+        print("\nmpibn verify: nothing was compared (no selected quantity in the selected "
+              "scenarios, or all of them missing); that is not a pass")
+        return 1
     print(f"\n{len(rows) - failed} of {len(rows)} quantities pass" + ("" if ok else f"; {failed} FAIL"))
     return 0 if ok else 1

@@ -13,5 +13,8 @@ from mpibn import SyncBatchNorm
 sync_bn_op = SyncBatchNorm(num_features=3, process_groups=[[0, 1], [2, 3]])
 x = np.ones([1, 3, 2, 2], dtype=np.float32)
 output = sync_bn_op(x)
-# One print per rank, prefixed so that interleaved output stays readable.
-print(f"rank {MPI.COMM_WORLD.Get_rank()}: {output.dtype}\n{output}", flush=True)
+# Ranks printing at once interleave mid-line: rank 0 prints every rank's
+# block, in rank order.
+blocks = MPI.COMM_WORLD.gather(f"rank {MPI.COMM_WORLD.Get_rank()}: {output.dtype}\n{output}", root=0)
+if MPI.COMM_WORLD.Get_rank() == 0:
+    print("\n".join(blocks), flush=True)

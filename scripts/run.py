@@ -2,16 +2,32 @@
 """Set up a virtual environment and run mpibn's main job or its tests.
 
     python3 scripts/run.py demo     # venv + install, then the 4-rank demo and the doc example
-    python3 scripts/run.py test     # venv + install, then pytest serially and under mpiexec -n 4
+    python3 scripts/run.py test     # venv + install, then the three test stages below
+    python3 scripts/run.py test tests/test_layer.py -x    # pytest arguments go to every stage
 
 Only the Python standard library is needed to start: the script creates
 ``.venv`` (or ``$MPIBN_VENV``), installs mpibn with its ``mpich`` and
 ``test`` extras (the ``mpich`` wheel brings ``mpiexec``), and runs.
 Every MPI run is bounded by a timeout so that nothing can hang.
+
+``test`` runs, and times, three stages (CI runs this, ``.ci/run``):
+
+1. serial: ``pytest -m "not system"``;
+2. ``mpiexec -n 4``: the same under ``scripts/mpi_pytest.py --with-mpi``,
+   which shows rank 0's report and keeps the other ranks' output in
+   files, printed only for a rank that failed or counted differently;
+3. system: ``pytest -m system`` (the wheel in a fresh venv, emulated
+   hosts), serially, last: slow, and it needs the rest to work.
+
+It exits non-zero when any stage fails. A stage that selects no test
+(pytest exit 5) passes only where that can be right: the system stage,
+or any stage when pytest arguments were given.
 """
 import os
 import subprocess
 import sys
+import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV = os.environ.get("MPIBN_VENV", os.path.join(ROOT, ".venv"))
@@ -41,6 +57,43 @@ def mpiexec(*args, timeout):
     return sh(os.path.join(BIN, "mpiexec"), "-n", str(NP), PY, "-m", "mpi4py", *args, timeout=timeout)
 
 
+def stage(results, name, run, no_tests_ok):
+    print(f"\n===== run.py: {name} =====", flush=True)
+    t0 = time.monotonic()
+    rc = run()
+    seconds = time.monotonic() - t0
+    ok = rc == 0 or (rc == 5 and no_tests_ok)          # 5: pytest selected no test
+    print(f"===== run.py: {name}: exit {rc}{'' if ok else ' FAILED'} in {seconds:.0f} s =====",
+          flush=True)
+    results.append((name, rc, ok, seconds))
+
+
+def test(extra):
+    results = []
+    selected = bool(extra)      # the user's own selection may leave a stage without tests
+    stage(results, "serial", lambda: sh(PY, "-m", "pytest", "-q", "-m", "not system", *extra,
+                                        timeout=1200), selected)
+    logs = tempfile.mkdtemp(prefix="mpibn-pytest-ranks-")
+
+    def parallel():
+        rc = mpiexec(os.path.join(ROOT, "scripts", "mpi_pytest.py"), "--logs", logs, "--no-check",
+                     "-q", "--with-mpi", "-m", "not system", *extra, timeout=1200)
+        # After the job, so that it also reports ranks that mpiexec ended early.
+        checked = sh(sys.executable, os.path.join(ROOT, "scripts", "mpi_pytest.py"),
+                     "--check", logs, "--np", str(NP))
+        return rc or checked
+
+    stage(results, f"mpiexec -n {NP}", parallel, selected)
+    stage(results, "system", lambda: sh(PY, "-m", "pytest", "-q", "-m", "system", *extra,
+                                        timeout=1500), True)
+    print(f"run.py: every rank's output of the mpiexec stage: {logs}")
+    total = sum(seconds for *_, seconds in results)
+    print("run.py: " + " | ".join(f"{name} exit {rc} {seconds:.0f} s" for name, rc, _, seconds in results)
+          + f" | total {total:.0f} s: " + ("OK" if all(ok for _, _, ok, _ in results) else "FAILED"),
+          flush=True)
+    return 0 if all(ok for _, _, ok, _ in results) else 1
+
+
 def main(argv):
     job = argv[1] if len(argv) > 1 else "demo"
     if job == "demo":
@@ -49,12 +102,7 @@ def main(argv):
         return rc or mpiexec("scripts/doc_example.py", timeout=120)
     if job == "test":
         setup("mpich,test")
-        extra = argv[2:]
-        serial = sh(PY, "-m", "pytest", "-q", *extra, timeout=1200)
-        parallel = mpiexec("-m", "pytest", "-q", "--with-mpi", "-p", "no:cacheprovider", *extra,
-                           timeout=1200)
-        print(f"run.py: serial pytest exit {serial}, mpiexec -n {NP} pytest exit {parallel}")
-        return serial or parallel
+        return test(argv[2:])
     sys.exit(f"usage: python3 scripts/run.py demo|test [pytest args]; got {job!r}")
 
 

@@ -104,7 +104,7 @@ class _Param:
 
 
 class TextbookBN:
-    """Batch norm of an (N, C) batch, the formulas of Ioffe & Szegedy (2015)
+    """Batch norm of a (B, C) batch, the formulas of Ioffe & Szegedy (2015)
     written out directly; running statistics with MindSpore's momentum
     (weight of the old value) and the unbiased variance."""
 

@@ -55,7 +55,7 @@ def test_bench_smoke_never_replaces_the_committed_numbers(tmp_path):
 def test_bench_help_from_outside_the_checkout(tmp_path):
     out = bench("--help", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("usage: mpibn bench")
+    assert out.stdout.startswith("usage: python -m mpibn bench")      # run as python -m mpibn
     assert "--np" in out.stdout and "--smoke" in out.stdout
 
 

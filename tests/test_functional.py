@@ -46,6 +46,20 @@ def test_naive_formula_is_what_we_avoid():
     assert abs(m2[0] / 64 - exact_var) <= 1e-13 * exact_var
 
 
+def test_m2_is_never_negative():
+    # m2 = sum(d^2) - sum(d)^2/n is >= 0 in exact arithmetic. A constant
+    # channel of values near 1.7e-147 has d = x - K near 1e-161 (K rounded):
+    # d^2 underflows to 0 in sum(d^2) but not in sum(d)^2/n, and the
+    # unclamped difference is a few times -5e-324. The clamp returns the true 0; a
+    # constant channel in the normal range gives exactly 0 without it.
+    for v, n in [(1.6861509613185092e-147, 48), (0.1, 3), (1e4 + 0.1, 1000), (-7.77, 70000)]:
+        x = np.full((n, 2, 1), v)
+        _, mean, m2 = F.batch_norm_stats(x)
+        assert m2.tolist() == [0.0, 0.0], (v, n, m2)
+        assert np.signbit(m2).tolist() == [False, False]
+        assert abs(mean[0] - v) <= 4 * abs(np.spacing(v))
+
+
 def test_empty_shard_has_zero_moments():
     count, mean, m2 = F.batch_norm_stats(np.zeros((0, 4, 9), np.float32))
     assert count == 0 and mean.shape == (4,) and not mean.any() and not m2.any()

@@ -36,6 +36,19 @@ def test_derivation_quotes_what_variance_demo_prints():
     assert block == out
 
 
+@pytest.mark.skipif(under_mpiexec(), reason="runs a script; once is enough (serial run)")
+def test_variance_demo_sums_the_same_float32_data_both_ways():
+    # derivation.md compares float32 and float64 sums "of the same float32
+    # data": the two cases must draw nothing new (same exact statistics).
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "variance_demo.py")],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    heads = [line for line in out.splitlines() if "exact variance" in line]
+    assert len(heads) == 3
+    assert "sum of squares in float32" in heads[1] and "the same float32 data" in heads[2]
+    assert heads[1].split(": exact")[1] == heads[2].split(": exact")[1]
+    assert "the same float32 data" in " ".join(_read(DERIVATION).split())
+
+
 def test_small_shard_threshold_in_the_doc_is_the_codes():
     doc = " ".join(_read(DERIVATION).split())
     assert F.SMALL_SHARD == 65536

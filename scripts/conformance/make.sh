@@ -4,12 +4,17 @@
 # venvs (never in the project's):
 #   python3 -m venv /work/venvs/torch && /work/venvs/torch/bin/pip install torch==2.13.0 numpy
 #   python3 -m venv /work/venvs/jax && /work/venvs/jax/bin/pip install jax jaxlib flax
+#   Keras 3, tf_keras, ChainerMN, MindSpore CPU: the install commands are in docs/conformance/<column>.md;
+#   each of those columns is remade only when its interpreter (TF_PY, CHAINER_PY, MS_PY) exists.
 # PY runs mpibn (the project venv, with mpi4py + MPICH); the adapters need only NumPy + the framework.
 set -eu
 W=${W:-/tmp/mpibn-conformance}
 PY=${PY:-.venv/bin/python}
 TORCH_PY=${TORCH_PY:-/work/venvs/torch/bin/python}
 JAX_PY=${JAX_PY:-/work/venvs/jax/bin/python}
+TF_PY=${TF_PY:-/work/venvs/tf/bin/python}
+CHAINER_PY=${CHAINER_PY:-/work/venvs/chainer/bin/python}
+MS_PY=${MS_PY:-/work/venvs/ms/bin/python}
 D=docs/conformance
 mkdir -p "$W" "$D"
 if [ "${SKIP_RUN:-0}" != 1 ]; then     # SKIP_RUN=1: score the results already in $W again
@@ -51,4 +56,25 @@ $COL "$W/flax-twopass" --column flax-twopass --out $D/flax-twopass.json --notes 
   --convention "as Flax (fast): weight of old, biased moving variance, pmean of per-device statistics" \
   --versions jax="${JAXV% *}" flax="${JAXV#* }" numpy=$NP \
   --command "python scripts/adapters/jax_adapter.py golden flax-twopass --exact-variance   # scripts/conformance/make.sh"
+# The optional peers. Keras goes through column.py like the columns above; the ChainerMN and
+# MindSpore adapters score themselves (ChainerMN's gradient share and local-count moving
+# variance are conventions column.py's peer reference does not model).
+if [ -x "$TF_PY" ]; then
+  TFV=$($TF_PY -c 'import tensorflow as tf, keras, tf_keras; print(tf.__version__, keras.__version__, tf_keras.__version__)')
+  for K in 3 2; do
+    if [ $K = 3 ]; then C=keras3; F="Keras 3 BatchNormalization(axis=1, synchronized=True)"; else C=tf-keras; F="tf_keras (Keras 2) BatchNormalization(axis=1, synchronized=True)"; fi
+    [ "${SKIP_RUN:-0}" = 1 ] || $TF_PY scripts/adapters/keras_adapter.py "$W/golden" "$W/$C" --keras $K
+    $COL "$W/$C" --column $C --out $D/$C.json --notes scripts/conformance/notes/$C.json --peer-moving-var biased --peer-stats-dtype float32 \
+      --framework "$F, TensorFlow backend, under tf.distribute.MirroredStrategy over 4 logical CPU devices" \
+      --convention "momentum = weight of the old value (same); BIASED moving variance; statistics from all-reduced sums, variance max(E[x^2] - E[x]^2, 0) in float32 (float64 for float64)" \
+      --versions tensorflow=$(echo $TFV | cut -d' ' -f1) keras=$(echo $TFV | cut -d' ' -f2) tf_keras=$(echo $TFV | cut -d' ' -f3) numpy=$NP \
+      --command "$TF_PY scripts/adapters/keras_adapter.py golden $C --keras $K   # scripts/conformance/make.sh"
+  done
+fi
+if [ -x "$CHAINER_PY" ] && [ "${SKIP_RUN:-0}" != 1 ]; then
+  $CHAINER_PY scripts/adapters/chainermn_adapter.py "$W/golden" "$W/chainermn" --json $D/chainermn.json
+fi
+if [ -x "$MS_PY" ] && [ "${SKIP_RUN:-0}" != 1 ]; then
+  $MS_PY scripts/adapters/mindspore_adapter.py "$W/golden" "$W/mindspore" --json $D/mindspore-cpu.json --syncbn-probe
+fi
 $PY scripts/conformance/report.py
