@@ -13,9 +13,14 @@ Every MPI run is bounded by a timeout so that nothing can hang.
 ``test`` runs, and times, three stages (CI runs this, ``.ci/run``):
 
 1. serial: ``pytest -m "not system"``;
-2. ``mpiexec -n 4``: the same under ``scripts/mpi_pytest.py --with-mpi``,
-   which shows rank 0's report and keeps the other ranks' output in
-   files, printed only for a rank that failed or counted differently;
+2. ``mpiexec -n 4``: the MPI-marked tests (``-m "mpi and not system"``)
+   under ``scripts/mpi_pytest.py --with-mpi``, which shows rank 0's report
+   and keeps the other ranks' output in files, printed only for a rank
+   that failed or counted differently. Unmarked tests use ``COMM_SELF``
+   (tests/conftest.py), so stage 1 already ran them as each rank would;
+   repeating them on 4 oversubscribed ranks doubled the suite's time. The
+   plain ``mpiexec -n 4 python -m mpi4py -m pytest --with-mpi`` still runs
+   everything;
 3. system: ``pytest -m system`` (the wheel in a fresh venv, emulated
    hosts), serially, last: slow, and it needs the rest to work.
 
@@ -77,7 +82,7 @@ def test(extra):
 
     def parallel():
         rc = mpiexec(os.path.join(ROOT, "scripts", "mpi_pytest.py"), "--logs", logs, "--no-check",
-                     "-q", "--with-mpi", "-m", "not system", *extra, timeout=1200)
+                     "-q", "--with-mpi", "-m", "mpi and not system", *extra, timeout=1200)
         # After the job, so that it also reports ranks that mpiexec ended early.
         checked = sh(sys.executable, os.path.join(ROOT, "scripts", "mpi_pytest.py"),
                      "--check", logs, "--np", str(NP))
