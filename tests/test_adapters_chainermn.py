@@ -15,6 +15,7 @@ import sys
 
 import numpy as np
 import pytest
+from peers_support import clean_env, write_golden
 from mpi4py import MPI
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,12 +25,6 @@ from common import load  # noqa: E402
 from peer_reference import describe, judge, normwise, reference  # noqa: E402
 
 pytestmark = pytest.mark.skipif(MPI.COMM_WORLD.Get_size() > 1, reason="serial session only")
-
-
-def clean_env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_", "MPI_", "HYDRA_"))}
-    env.update(extra)
-    return env
 
 
 def framework_python(module, variable):
@@ -46,12 +41,7 @@ CHAINER_PY = framework_python("chainer", "MPIBN_CHAINERMN_PYTHON")
 @pytest.fixture(scope="module")
 def golden2(tmp_path_factory):
     """A 2-rank golden set (equal, unequal and empty shards), written by mpibn under mpiexec."""
-    out = str(tmp_path_factory.mktemp("golden2"))
-    run = subprocess.run([sys.executable, "-m", "mpibn", "golden", "--out", out, "--np", "2", "--scenarios",
-                          "even,uneven,empty_rank,float32_offset,eval"],
-                         capture_output=True, text=True, timeout=300, env=clean_env())
-    assert run.returncode == 0, run.stdout + run.stderr
-    return out
+    return write_golden(tmp_path_factory, 2, ['even', 'uneven', 'empty_rank', 'float32_offset', 'eval'])
 
 
 def test_reference_with_mpibn_conventions_reproduces_the_golden_files(golden2):

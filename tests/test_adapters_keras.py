@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from peers_support import clean_env, write_golden
 from mpi4py import MPI
 
 from mpibn import golden as G
@@ -29,21 +30,10 @@ def have(*modules):
     return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
-def clean_env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_", "MPI_", "HYDRA_"))}
-    env.update(extra)
-    return env
-
-
 @pytest.fixture(scope="module")
 def golden_dir(tmp_path_factory):
-    # uneven: shards [1, 3, 5]; empty_rank: [3, 0, 3]; both float32, 4-D, two training steps.
-    out = str(tmp_path_factory.mktemp("golden"))
-    run = subprocess.run([sys.executable, "-m", "mpibn", "golden", "--np", "3", "--out", out,
-                          "--scenarios", "uneven,empty_rank"],
-                         capture_output=True, text=True, timeout=300, env=clean_env())
-    assert run.returncode == 0, run.stdout + run.stderr
-    return out
+    """uneven: shards [1, 3, 5]; empty_rank: [3, 0, 3]; both float32, 4-D, two training steps."""
+    return write_golden(tmp_path_factory, 3, ['uneven', 'empty_rank'])
 
 
 def run_adapter(golden, out, version, *extra):

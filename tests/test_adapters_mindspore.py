@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+from peers_support import clean_env, write_golden
 from mpi4py import MPI
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,24 +22,13 @@ ADAPTERS = os.path.join(ROOT, "scripts", "adapters")
 pytestmark = pytest.mark.skipif(MPI.COMM_WORLD.Get_size() > 1, reason="serial session only")
 
 
-def clean_env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_", "MPI_", "HYDRA_"))}
-    env.update(extra)
-    return env
-
-
 MS_PY = os.environ.get("MPIBN_MINDSPORE_PYTHON") or (
     sys.executable if importlib.util.find_spec("mindspore") is not None else None)
 
 
 @pytest.fixture(scope="module")
 def golden2(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("golden2"))
-    run = subprocess.run([sys.executable, "-m", "mpibn", "golden", "--out", out, "--np", "2", "--scenarios",
-                          "uneven,two_d,float32_offset,eval_batch_statistics"],
-                         capture_output=True, text=True, timeout=300, env=clean_env())
-    assert run.returncode == 0, run.stdout + run.stderr
-    return out
+    return write_golden(tmp_path_factory, 2, ['uneven', 'two_d', 'float32_offset', 'eval_batch_statistics'])
 
 
 @pytest.mark.skipif(MS_PY is None, reason="mindspore not installed here and MPIBN_MINDSPORE_PYTHON not set "

@@ -1,0 +1,23 @@
+"""Shared by the peer adapters' tests: a clean environment for child jobs and
+a small golden set written by mpibn under its own mpiexec."""
+import os
+import subprocess
+import sys
+
+
+def clean_env(**extra):
+    """This environment without the launcher's rank variables: a child
+    ``mpiexec`` or MPI program must not think it is a rank of this job."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_", "MPI_", "HYDRA_"))}
+    env.update(extra)
+    return env
+
+
+def write_golden(tmp_path_factory, ranks, scenarios):
+    """``python -m mpibn golden`` for ``scenarios`` on ``ranks`` ranks; returns its folder."""
+    out = str(tmp_path_factory.mktemp("golden"))
+    run = subprocess.run([sys.executable, "-m", "mpibn", "golden", "--out", out, "--np", str(ranks),
+                          "--scenarios", ",".join(scenarios)],
+                         capture_output=True, text=True, timeout=300, env=clean_env())
+    assert run.returncode == 0, run.stdout + run.stderr
+    return out
