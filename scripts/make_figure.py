@@ -89,7 +89,7 @@ def forward(ax):
             ax.text(10.8, y, "(empty)", fontsize=7.5, color="#777777", va="center", zorder=5)
         arrow(ax, 14.5, y, 17.6, y)
         box(ax, 17.9, y - 2.3, 13.2, 4.6,
-            "$n_r,\\ \\bar x_r,\\ m2_r$" if SHARDS[rank] else "$n_r = 0$: zeros")
+            "$n_r,\\ \\mathrm{mean}_r,\\ m2_r$" if SHARDS[rank] else "$n_r = 0$: zeros")
         arrow(ax, 31.4, y, 37.4, y)
         # the buffer this rank hands to MPI: only its own row filled
         buffer(ax, 37.6, y - 1.7, {rank}, group)
