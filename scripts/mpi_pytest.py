@@ -143,6 +143,11 @@ def main(argv):
         sys.stdout.flush()
         if ours["check"] != "no" and not check(logdir, size, wait=float(ours["wait"])):
             status = status or 1
+        if ours["check"] == "no":
+            # Wait for every rank's result all the same: a failing rank 0 that
+            # exited now would abort (python -m mpi4py) ranks still writing theirs.
+            for r in range(1, size):
+                wait_for(os.path.join(logdir, f"rank{r}.json"), float(ours["wait"]))
         open(done, "w").close()
     else:
         wait_for(done, 2 * float(ours["wait"]))

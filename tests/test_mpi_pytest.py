@@ -19,6 +19,7 @@ pytestmark = [pytest.mark.system,
               pytest.mark.skipif(MPI.COMM_WORLD.Get_size() > 1, reason="launches its own mpiexec")]
 
 TESTS = '''
+import time
 from mpi4py import MPI
 import pytest
 
@@ -27,12 +28,15 @@ def test_one():
 
 @pytest.mark.mpi(min_size=2)
 def test_two():
+    if MPI.COMM_WORLD.Get_rank() == SLOW_RANK:
+        time.sleep(2)
     assert MPI.COMM_WORLD.Get_rank() != FAILING_RANK, "rank %d fails on purpose" % FAILING_RANK
 '''
 
 
-def launch(tmp_path, failing_rank, *runner_args):
-    (tmp_path / "test_tiny.py").write_text(TESTS.replace("FAILING_RANK", str(failing_rank)))
+def launch(tmp_path, failing_rank, *runner_args, slow_rank=-1):
+    (tmp_path / "test_tiny.py").write_text(
+        TESTS.replace("FAILING_RANK", str(failing_rank)).replace("SLOW_RANK", str(slow_rank)))
     logs = tmp_path / "logs"
     cmd = [find_mpiexec(), "-n", "3", sys.executable, "-m", "mpi4py", SCRIPT, "--logs", str(logs),
            *runner_args, "-q", "--with-mpi", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
@@ -62,7 +66,8 @@ def test_a_rank_that_fails_alone_is_shown_with_its_log(tmp_path):
 
 
 def test_rank_0_failing_still_lets_every_rank_finish_and_check_after_the_job(tmp_path):
-    out, logs = launch(tmp_path, 0, "--no-check")
+    # Rank 2 finishes last: a failing rank 0 that exits first must not abort it unrecorded.
+    out, logs = launch(tmp_path, 0, "--no-check", slow_rank=2)
     assert out.returncode != 0
     assert "rank 0 fails on purpose" in out.stdout and "agree" not in out.stdout
     check = subprocess.run([sys.executable, SCRIPT, "--check", str(logs), "--np", "3"],
