@@ -108,11 +108,15 @@ def test_a_partition_is_bounded_by_debug_timeout(tmp_path, when):
         after = float(stamp) - cut
         report.append(f"rank {rank}: {after:.2f} s: {message}")
         assert message.startswith("CollectiveTimeout: "), message
-        # It names the ranks on the other side of the cut, and only those.
+        # It names every rank on the other side of the cut. A rank of its own
+        # side may be named too: one still inside the previous collective,
+        # whose last message from across the cut never came, truly never
+        # arrived at this one (seen once in CI: rank 2 named 0, 1 and 3).
         lost = {int(r) for part in message.split("; ")[1:]
                 if part.startswith(("never arrived", "lost"))
                 for r in part.split(": ")[-1].strip("[]").split(", ") if r.isdigit()}
-        assert lost == ({0, 1, 2, 3} - HOST2 if rank in HOST2 else HOST2), message
+        other_side = {0, 1, 2, 3} - HOST2 if rank in HOST2 else HOST2
+        assert other_side <= lost <= {0, 1, 2, 3} - {rank}, message
         assert after < DEBUG_TIMEOUT + GRACE, message
         # No checkpoint of the failed step, or later; every earlier one complete.
         done = steps_done(tmp_path, rank)
