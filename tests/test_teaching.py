@@ -28,6 +28,8 @@ def _read(path):
 
 
 @pytest.mark.skipif(under_mpiexec(), reason="runs a script; once is enough (serial run)")
+@pytest.mark.skipif(int(np.__version__.split(".")[0]) < 2,
+                    reason="derivation.md quotes NumPy 2's output; NumPy 1.x rounds the float32 sums differently")
 def test_derivation_quotes_what_variance_demo_prints():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "variance_demo.py")],
                          capture_output=True, text=True, timeout=120, check=True).stdout
