@@ -285,14 +285,14 @@ def sync_batch_norm_backward(dy, saved, *, exchange=None, training=None):
     sums = dy3 = xhat = None
     exact = saved.exact if saved is not None else bool(exchange and exchange.shared_width)
     if problem is None:
-        dy3 = F.as_ncl(_native(dy))
+        problem, dy3 = guarded(None, lambda: F.as_ncl(_native(dy)))
         if exact:
             # The exact sums need xhat itself (float64, full size).
-            problem, xhat = guarded(None, lambda: (saved.x - saved.mean[:, None]) * saved.inv_std[:, None])
+            problem, xhat = guarded(problem, lambda: (saved.x - saved.mean[:, None]) * saved.inv_std[:, None])
         else:
             # xhat = (x - mean) * inv_std is formed block by block from what
             # forward kept; it never exists in full.
-            problem, sums = guarded(None, lambda: F.batch_norm_backward_reduce(
+            problem, sums = guarded(problem, lambda: F.batch_norm_backward_reduce(
                 dy3, x=saved.x, mean=saved.mean, inv_std=saved.inv_std))
         if not training:
             local_problem(problem, group, context)

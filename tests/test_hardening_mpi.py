@@ -224,12 +224,13 @@ def test_stateless_channel_mismatch_does_not_abort_the_job():
 # -- item 5: any exception before the collective joins it ------------------------------------
 
 @pytest.mark.mpi(min_size=2)
-@pytest.mark.parametrize("where", ["forward", "backward", "exact forward"])
+@pytest.mark.parametrize("where", ["forward", "backward", "backward dy layout", "exact forward"])
 def test_exception_deep_in_the_math_on_one_rank_is_agreed(where, monkeypatch):
     comm, rank, size = world()
     bad = size - 1
+    # "backward dy layout": dy's reshape to (B, C, L), the first local step of backward
     target = {"forward": (F, "batch_norm_stats"), "backward": (F, "batch_norm_backward_reduce"),
-              "exact forward": (E, "exact_sums")}[where]
+              "backward dy layout": (F, "as_ncl"), "exact forward": (E, "exact_sums")}[where]
     original = getattr(*target)
 
     def broken(*args, **kwargs):
@@ -238,11 +239,12 @@ def test_exception_deep_in_the_math_on_one_rank_is_agreed(where, monkeypatch):
         return original(*args, **kwargs)
     bn = SyncBatchNorm(C, comm=comm, exact=where.startswith("exact")).set_train()
     x = data(rank)
-    if where == "backward":
+    backward = where.startswith("backward")
+    if backward:
         bn(x)
     before = state(bn)
     monkeypatch.setattr(*target, broken)
-    err, _ = attempt(lambda: bn.backward(np.ones_like(x)) if where == "backward" else bn(x))
+    err, _ = attempt(lambda: bn.backward(np.ones_like(x)) if backward else bn(x))
     monkeypatch.undo()
     seen = gather(comm, err)
     after = state(bn)
