@@ -340,11 +340,8 @@ class RowExchange:
         else:
             row[1] = count
             rows = row[HEADER:self.width].reshape(self.k, self.channels)
-            if len(payload) == self.k:
-                for i, values in enumerate(payload):   # k (C,) arrays: no stacked copy
-                    rows[i] = values
-            else:
-                rows[...] = np.reshape(payload, rows.shape)
+            for i, values in enumerate(payload):       # k (C,) arrays: no stacked copy
+                rows[i] = values
             if shared is not None:
                 self.group._shared[:self.shared_width] = np.ravel(shared)
         # The rows alone when the group has no summed region (the same memory).

@@ -153,7 +153,7 @@ def agreed_exchange(group_comm, channels, exact, problem, tag):
     context = "sync_batch_norm"
     probe = RowExchange(group_comm, 2, 1)
     _, rows = probe.exchange(problem if channels is None else None, 0,
-                             None if channels is None else [channels, float(bool(exact))], context, tag)
+                             None if channels is None else [(channels, float(bool(exact)))], context, tag)
     seen = rows[:, 0, :]
     if not (seen == seen[0]).all():
         said = said_once((rank, f"{int(c)} channels, exact={bool(e)}")
