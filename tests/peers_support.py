@@ -21,3 +21,14 @@ def write_golden(tmp_path_factory, ranks, scenarios):
                          capture_output=True, text=True, timeout=300, env=clean_env())
     assert run.returncode == 0, run.stdout + run.stderr
     return out
+
+
+def run_without(module, command, tmp_path):
+    """Run ``command`` (a list) with ``import module`` failing, as on a
+    machine without that framework: a module of that name on PYTHONPATH
+    raises ImportError."""
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / f"{module}.py").write_text("raise ImportError('hidden for the test')\n")
+    return subprocess.run(command, capture_output=True, text=True, timeout=120,
+                          env=clean_env(PYTHONPATH=str(hide)))

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from peers_support import clean_env, write_golden
+from peers_support import clean_env, run_without, write_golden
 from mpi4py import MPI
 
 from mpibn import golden as G
@@ -122,10 +122,7 @@ def test_keras_adapter_says_what_to_install_without_tensorflow(tmp_path):
     golden = str(tmp_path / "golden")
     args = SimpleNamespace(out=golden, scenarios="uneven", dtype="float32", no_exact=False)
     assert G.run(args, comm=MPI.COMM_SELF) == 0
-    hide = tmp_path / "hide"
-    hide.mkdir()
-    (hide / "tensorflow.py").write_text("raise ImportError('hidden for the test')\n")
-    run = subprocess.run([sys.executable, ADAPTER, golden, str(tmp_path / "o"), "--keras", "3"],
-                         capture_output=True, text=True, timeout=120, env=clean_env(PYTHONPATH=str(hide)))
+    run = run_without("tensorflow", [sys.executable, ADAPTER, golden, str(tmp_path / "o"), "--keras", "3"],
+                      tmp_path)
     assert run.returncode != 0 and "pip install 'mpibn[keras]'" in run.stderr, run.stdout + run.stderr
     assert not os.path.exists(tmp_path / "o" / "uneven" / "rank0.npz")
