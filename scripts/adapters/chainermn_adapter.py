@@ -230,24 +230,14 @@ def main(argv=None):
     except ImportError as exc:
         sys.exit(f"chainermn_adapter: {exc}; install chainer==7.8.1 with mpi4py "
                  f"(commands in docs/conformance/chainermn.md)")
-    with open(os.path.join(args.golden, "manifest.json")) as f:
-        manifest = json.load(f)
-    names = args.scenarios.split(",") if args.scenarios else list(manifest["scenarios"])
+    from peer_reference import recorded_run, scenarios_to_run
+    manifest, names = scenarios_to_run(args.golden, args.scenarios)
     mpiexec = find_mpiexec(args.mpiexec)
     if not mpiexec:
         sys.exit("chainermn_adapter: no mpiexec found (pip install mpich, or pass --mpiexec)")
-    os.makedirs(args.out, exist_ok=True)
-    record = os.path.join(args.out, "run.json")
-    if args.json_only:
-        with open(record) as f:
-            run = json.load(f)
-    else:
-        command = (f"python -m mpibn golden --out {args.golden} && {sys.executable} "
-                   + " ".join([os.path.relpath(os.path.abspath(__file__))] + list(argv or sys.argv[1:])))
-        run = {"command": command, "status": run_scenarios(args.golden, args.out, names, manifest["ranks"],
-                                                           mpiexec, args.timeout, args.param_dtype)}
-        with open(record, "w") as f:
-            json.dump(run, f, indent=2)
+    run = recorded_run(args.golden, args.out, args.json_only, __file__, argv, lambda: {
+        "status": run_scenarios(args.golden, args.out, names, manifest["ranks"], mpiexec, args.timeout,
+                                args.param_dtype)})
     status = run["status"]
     versions = {"chainer": chainer.__version__, "mpi4py": mpi4py.__version__, "numpy": np.__version__,
                 "python": sys.version.split()[0]}

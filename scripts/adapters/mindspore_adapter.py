@@ -296,24 +296,16 @@ def main(argv=None):
             parser.error("GOLDEN and OUT are needed unless --syncbn-probe is given")
         print(json.dumps(syncbn_probe(args.timeout), indent=2))
         return 0
-    with open(os.path.join(args.golden, "manifest.json")) as f:
-        manifest = json.load(f)
-    names = args.scenarios.split(",") if args.scenarios else list(manifest["scenarios"])
-    os.makedirs(args.out, exist_ok=True)
-    record = os.path.join(args.out, "run.json")
-    if args.json_only:
-        with open(record) as f:
-            run = json.load(f)
-    else:
-        command = (f"python -m mpibn golden --out {args.golden} && {sys.executable} "
-                   + " ".join([os.path.relpath(os.path.abspath(__file__))] + list(argv or sys.argv[1:])))
+    from peer_reference import recorded_run, scenarios_to_run
+    manifest, names = scenarios_to_run(args.golden, args.scenarios)
+
+    def make():
         syncbn = syncbn_probe(args.timeout) if args.syncbn_probe else None
         if syncbn:
             print(json.dumps(syncbn, indent=2))
-        run = {"command": command, "syncbn": syncbn,
-               "status": run_scenarios(args.golden, args.out, names, manifest["ranks"], args.timeout)}
-        with open(record, "w") as f:
-            json.dump(run, f, indent=2)
+        return {"syncbn": syncbn,
+                "status": run_scenarios(args.golden, args.out, names, manifest["ranks"], args.timeout)}
+    run = recorded_run(args.golden, args.out, args.json_only, __file__, argv, make)
     status = run["status"]
     ok = sum(v["status"] == "ok" for v in status.values())
     print(f"mindspore {ms.__version__} (CPU, nn.BatchNorm1d/2d on each group's batch): {ok} of {len(names)} "

@@ -304,3 +304,27 @@ def write_json(path, doc):
     with open(path, "w") as f:
         json.dump(clean(doc), f, indent=2, allow_nan=False)
         f.write("\n")
+
+
+def scenarios_to_run(golden, scenarios):
+    """(manifest, names): the golden set's manifest and the scenarios asked for
+    (a comma-separated string, or None for all)."""
+    with open(os.path.join(golden, "manifest.json")) as f:
+        manifest = json.load(f)
+    return manifest, scenarios.split(",") if scenarios else list(manifest["scenarios"])
+
+
+def recorded_run(golden, out, json_only, script, argv, make):
+    """An adapter's run record, OUT/run.json: read back with --json-only (to
+    re-score without re-running), else {"command": ..., **make()} written there."""
+    os.makedirs(out, exist_ok=True)
+    record = os.path.join(out, "run.json")
+    if json_only:
+        with open(record) as f:
+            return json.load(f)
+    command = (f"python -m mpibn golden --out {golden} && {sys.executable} "
+               + " ".join([os.path.relpath(os.path.abspath(script))] + list(argv or sys.argv[1:])))
+    run = {"command": command, **make()}
+    with open(record, "w") as f:
+        json.dump(run, f, indent=2)
+    return run
