@@ -33,6 +33,8 @@ import tempfile
 
 import numpy as np
 
+from .parameter import Parameter
+
 __all__ = ["FORMAT_VERSION", "state_dict", "load_state_dict", "save_checkpoint", "load_checkpoint",
            "load_param_into_net"]
 
@@ -207,7 +209,6 @@ def load_checkpoint(path):
     Raises ValueError for a file that is not an mpibn checkpoint, is
     truncated, or was written by a newer format version.
     """
-    from .layer import Parameter
     try:
         with np.load(os.fspath(path), allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}

@@ -18,31 +18,18 @@ import os
 
 import numpy as np
 
+from . import checkpoint
 from .agree import agree_construction
 from .comm import group_comm_for, validate_process_groups
 from .fingerprint import digest
 from .init import initializer
+from .parameter import Parameter
 from .sync import sync_batch_norm, sync_batch_norm_backward
 from .sync_exact import make_exchange
 
 __all__ = ["SyncBatchNorm", "Parameter"]
 
 _DTYPES = (np.float16, np.float32, np.float64)
-
-
-class Parameter:
-    """A named array, as MindSpore's Parameter: ``.name``, ``.data`` (C,),
-    ``.requires_grad`` and ``.grad`` (None until a backward fills it)."""
-
-    def __init__(self, data, name, requires_grad):
-        self.data = data
-        self.name = name
-        self.requires_grad = requires_grad
-        self.grad = None
-
-    def __repr__(self):
-        return (f"Parameter(name={self.name!r}, shape={self.data.shape}, dtype={self.data.dtype}, "
-                f"requires_grad={self.requires_grad})")
 
 
 def _check_args(num_features, eps, momentum, affine, use_batch_statistics, dtype, nonfinite):
@@ -224,13 +211,11 @@ class SyncBatchNorm:
 
     def state_dict(self):
         """{parameter name: copy of its array}; see ``mpibn.checkpoint``."""
-        from .checkpoint import state_dict
-        return state_dict(self)
+        return checkpoint.state_dict(self)
 
     def load_state_dict(self, state):
         """Load a ``state_dict()``: every name, shape and dtype checked first, all or nothing."""
-        from .checkpoint import load_state_dict
-        load_state_dict(self, state)
+        checkpoint.load_state_dict(self, state)
 
     def __repr__(self):
         return (f"SyncBatchNorm(num_features={self.num_features}, eps={self.eps}, momentum={self.momentum}, "
