@@ -36,6 +36,7 @@ import time
 import numpy as np
 
 from .errors import N_DETAILS, Problem, said_once
+from .exact import SHARED_WIDTH
 
 
 def _mpi():
@@ -46,7 +47,7 @@ def _mpi():
     return MPI
 
 __all__ = ["GroupComm", "RowExchange", "CollectiveTimeout", "group_comm_for",
-           "validate_process_groups"]
+           "validate_process_groups", "make_exchange"]
 
 HEADER = 4 + N_DETAILS   # status, count, layer, call, details
 
@@ -353,6 +354,15 @@ class RowExchange:
             check_tags(buf, self.group, context)
         payloads = buf[:, HEADER:self.width].reshape(-1, self.k, self.channels)
         return buf[:, 1].copy(), payloads.copy()
+
+
+def make_exchange(group_comm, channels, exact=False):
+    """A layer's exchange: 2 numbers per channel and rank, plus the summed
+    integer limbs (``exact.SHARED_WIDTH`` per channel) when exact.
+
+    Every layer makes one, in both modes: its width is the transport's
+    decision (what travels, how wide), so it lives here with the rows."""
+    return RowExchange(group_comm, channels, 2, shared=SHARED_WIDTH * channels if exact else 0)
 
 
 def raise_agreed(buf, group, context, own=None):

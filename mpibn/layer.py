@@ -20,12 +20,11 @@ import numpy as np
 
 from . import checkpoint
 from .agree import agree_construction
-from .comm import group_comm_for, validate_process_groups
+from .comm import group_comm_for, make_exchange, validate_process_groups
 from .fingerprint import digest
 from .init import initializer
 from .parameter import Parameter
 from .sync import sync_batch_norm, sync_batch_norm_backward
-from .sync_exact import make_exchange
 
 __all__ = ["SyncBatchNorm", "Parameter"]
 

@@ -15,7 +15,7 @@ from mpi4py import MPI
 from mpibn import exact as E
 from mpibn import SyncBatchNorm
 from mpibn.sync import sync_batch_norm, sync_batch_norm_backward
-from mpibn.sync_exact import make_exchange
+from mpibn.comm import make_exchange
 from conftest import shard_slices
 from simulated import run_group
 
