@@ -60,6 +60,9 @@ Shapes: x is (B, C) or (B, C, H, W), B the batch dimension (the API's N;
 here N is the group's count of values). Internally every function works on a
 (B, C, L) view (L = H * W, or 1 for 2-D input); per-channel vectors are (C,).
 """
+import warnings
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from . import blocks
@@ -328,11 +331,26 @@ def running_update(moving, batch_stat, momentum):
     return momentum * np.asarray(moving, np.float64) + (1.0 - momentum) * batch_stat
 
 
+# -- Deprecated, one release: the synced passes are in mpibn.sync ---------------------------
+
+_MOVED_TO_SYNC = ("sync_batch_norm", "sync_batch_norm_backward")
+
+if TYPE_CHECKING:        # for IDEs and type checkers only (go-to-definition); never run
+    from .sync import sync_batch_norm, sync_batch_norm_backward  # noqa: F401
+
+
 def __getattr__(name):
-    # The stateless synced functions compose this module with mpibn.comm,
-    # which imports mpi4py; import them only when asked for, so that the
-    # math stays importable (and testable) without MPI.
-    if name in ("sync_batch_norm", "sync_batch_norm_backward"):
+    """Deprecated shim: ``mpibn.functional.sync_batch_norm`` and ``sync_batch_norm_backward``.
+
+    The stateless synced passes compose this module with ``mpibn.comm``, so
+    they live in ``mpibn.sync`` (and are exported from ``mpibn``): import
+    them from there. The names are resolved only when asked for, so this
+    module still never imports mpibn.sync, nor mpi4py, at import time. The
+    shim warns (DeprecationWarning) and goes in the next release.
+    """
+    if name in _MOVED_TO_SYNC:
+        warnings.warn(f"mpibn.functional.{name} is deprecated and goes in the next release: import it "
+                      f"from mpibn.sync (or from mpibn)", DeprecationWarning, stacklevel=2)
         from . import sync
         return getattr(sync, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,12 +4,11 @@
 (``mpibn.functional``) with the communication room (``mpibn.comm``) and keep
 no state between calls: what backward needs travels in the returned
 ``Saved`` record. ``mpibn.SyncBatchNorm`` is built on these two functions,
-and another framework's test suite can call them directly (they are also
-reachable as ``mpibn.functional.sync_batch_norm``)::
+and another framework's test suite can call them directly (both are
+exported from ``mpibn``)::
 
     from mpi4py import MPI
-    from mpibn.comm import group_comm_for
-    from mpibn.functional import sync_batch_norm, sync_batch_norm_backward
+    from mpibn import group_comm_for, sync_batch_norm, sync_batch_norm_backward
 
     group_comm = group_comm_for(MPI.COMM_WORLD, [[0, 1], [2, 3]])   # collective
     y, saved = sync_batch_norm(x, gamma, beta, group_comm=group_comm, training=True,

@@ -15,7 +15,7 @@ import mpibn
 from mpibn import SyncBatchNorm
 from mpibn import functional as F
 from mpibn.comm import validate_process_groups
-from mpibn.functional import sync_batch_norm, sync_batch_norm_backward
+from mpibn.sync import sync_batch_norm, sync_batch_norm_backward
 from conftest import global_batch
 from oracle import plain_batch_norm
 

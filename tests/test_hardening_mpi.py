@@ -20,7 +20,7 @@ from mpibn import exact as E
 from mpibn import functional as F
 from mpibn.agree import AgreementError
 from mpibn.comm import group_comm_for
-from mpibn.functional import sync_batch_norm
+from mpibn.sync import sync_batch_norm
 from conftest import global_batch, shard_slices
 from oracle import plain_batch_norm
 from test_faults_mpi import check_agreed, named_ranks

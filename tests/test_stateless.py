@@ -5,7 +5,7 @@ from mpi4py import MPI
 
 from mpibn import SyncBatchNorm
 from mpibn.comm import group_comm_for
-from mpibn.functional import sync_batch_norm, sync_batch_norm_backward
+from mpibn.sync import sync_batch_norm, sync_batch_norm_backward
 from conftest import global_batch, shard_slices
 
 

@@ -18,7 +18,7 @@ from mpi4py import MPI
 
 from mpibn import SyncBatchNorm
 from mpibn.comm import group_comm_for
-from mpibn.functional import sync_batch_norm
+from mpibn.sync import sync_batch_norm
 
 comm = MPI.COMM_WORLD
 rank = comm.Get_rank()
