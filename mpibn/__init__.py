@@ -33,8 +33,8 @@ _HOMES = {
     "save_checkpoint": "checkpoint",
     "load_checkpoint": "checkpoint",
     "load_param_into_net": "checkpoint",
-    "AgreementError": "agree",
-    "CollectiveTimeout": "comm",
+    "AgreementError": "errors",
+    "CollectiveTimeout": "errors",
 }
 
 # Submodules reachable as attributes (``mpibn.functional``) without an import of their own.

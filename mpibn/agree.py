@@ -14,17 +14,13 @@ is a collective over the parent communicator; construction is not the hot
 path, so pickling a few numbers is fine. The layer's list of fields lives
 in ``SyncBatchNorm.AGREED_FIELDS``: extend it there.
 
-This module imports no mpi4py: it only calls ``comm.allgather``.
+This module imports no mpi4py: it only calls ``comm.allgather``. It is
+the third of the three ways errors are agreed (``mpibn.errors`` explains
+all three); ``AgreementError`` is defined there and exported here too.
 """
-import builtins
-
-from .errors import ranks_said, said_once
+from .errors import AgreementError, builtin_exception, ranks_said, said_once
 
 __all__ = ["agree_construction", "AgreementError"]
-
-
-class AgreementError(ValueError):
-    """Ranks of one communicator disagree on how a layer is built."""
 
 
 def _portable_error(error):
@@ -32,18 +28,6 @@ def _portable_error(error):
     if error is None:
         return None
     return type(error).__name__, str(error)
-
-
-def _exception_type(name):
-    """The builtin exception class called ``name`` (TypeError, ValueError, ...)."""
-    cls = getattr(builtins, name, None)
-    if isinstance(cls, type) and issubclass(cls, Exception):
-        return cls
-    return RuntimeError
-
-
-def _ranks(ranks):
-    return ranks_said(ranks)
 
 
 def describe_disagreement(fields_per_rank):
@@ -69,7 +53,7 @@ def describe_disagreement(fields_per_rank):
             else:
                 by_value.append((value, [rank]))
         if len(by_value) > 1:
-            said = ", ".join(f"{_ranks(ranks)} {_verb(ranks, value is missing)}"
+            said = ", ".join(f"{ranks_said(ranks)} {_verb(ranks, value is missing)}"
                                                         f"{'' if value is missing else f' {value!r}'}"
                              for value, ranks in by_value)
             parts.append(f"{name}: {said}")
@@ -108,8 +92,8 @@ def agree_construction(comm, fields, error=None, context="SyncBatchNorm"):
     failed = [(rank, err) for rank, (err, _) in enumerate(everyone) if err is not None]
     if failed:
         said = said_once((rank, msg) for rank, (_, msg) in failed)    # each message once
-        exc = _exception_type(failed[0][1][0])(f"{context}: invalid arguments ({len(failed)} of "
-                                               f"{len(everyone)} ranks): {said}")
+        exc = builtin_exception(failed[0][1][0])(f"{context}: invalid arguments ({len(failed)} of "
+                                                 f"{len(everyone)} ranks): {said}")
         raise exc from error
     parts = describe_disagreement([fields for _, fields in everyone])
     if parts:

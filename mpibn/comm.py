@@ -2,8 +2,9 @@
 
 This is the only module that imports mpi4py. It knows nothing of batch norm
 formulas: it builds one communicator per process group, owns the layout of
-the buffer that travels, performs the Allreduce, and turns problems that
-any rank reported into the same exception on every rank.
+the buffer that travels and performs the Allreduce. What a row's problem
+code means, and the one exception every rank then raises, is
+``mpibn.errors`` (the home of every cross-rank error).
 
 Buffer layout (``RowExchange``): a float64 array of shape (P, width), one
 row per rank of the group, P the group size::
@@ -25,7 +26,7 @@ activations for any realistic P.
 The count travels in the buffer, so uneven and empty shards are weighted
 by their counts (never divide by the number of ranks). ``status_r`` is non-zero when rank r
 found a problem in its own input: it still joins the collective, so nobody
-hangs, and then every rank raises the same exception (``raise_agreed``).
+hangs, and then every rank raises the same exception (``errors.raise_agreed``).
 ``layer_r`` and ``call_r`` say which layer and which of its calls the rank
 is in: ranks that mix up their layers get an agreed error, not a silent mix
 of two layers' statistics.
@@ -35,7 +36,9 @@ import time
 
 import numpy as np
 
-from .errors import N_DETAILS, Problem, said_once
+from .errors import N_DETAILS, check_tags, collective_timeout, raise_agreed
+# Moved to mpibn.errors (the home of every cross-rank error); importable from here for one release.
+from .errors import CollectiveTimeout, describe_tag, local_problem  # noqa: F401
 from .exact import SHARED_WIDTH
 
 
@@ -49,7 +52,12 @@ def _mpi():
 __all__ = ["GroupComm", "RowExchange", "CollectiveTimeout", "group_comm_for",
            "validate_process_groups", "make_exchange"]
 
-HEADER = 4 + N_DETAILS   # status, count, layer, call, details
+# A row's header, column by column: status (a problem code, 0 for none), count,
+# the (layer, call) tag, then N_DETAILS integer details of the problem.
+STATUS, COUNT, LAYER, CALL = 0, 1, 2, 3
+TAG = slice(LAYER, CALL + 1)
+DETAILS = slice(4, 4 + N_DETAILS)
+HEADER = 4 + N_DETAILS
 
 
 def validate_process_groups(process_groups, size):
@@ -186,16 +194,11 @@ class GroupComm:
         while not reduction.Test():
             if time.monotonic() > deadline:
                 missing = [self.ranks[r] for r, q in receives.items() if not q.Test()]
-                elsewhere = [f"rank {self.ranks[r]} in {describe_tag(heard[r])}"
-                             for r, q in receives.items() if self.ranks[r] not in missing
-                             and tuple(heard[r]) != tuple(me)]
+                elsewhere = [(self.ranks[r], heard[r]) for r, q in receives.items()
+                             if self.ranks[r] not in missing and tuple(heard[r]) != tuple(me)]
                 lost = self._silent([r for r in peers if self.ranks[r] not in missing])
-                raise CollectiveTimeout(
-                    f"rank {self.ranks[self.rank]} waited {self.debug_timeout} s in {describe_tag(tag)} "
-                    f"of group {list(self.ranks)}; never arrived: {missing or 'none'}"
-                    + (f"; in another call: {', '.join(elsewhere)}" if elsewhere else "")
-                    + (f"; lost (arrived, then silent {_PROBE_GRACE} s after the deadline: dead or "
-                       f"cut off): {lost}" if lost else ""))
+                raise collective_timeout(self.ranks[self.rank], self.debug_timeout, tag, self.ranks,
+                                         missing, elsewhere, lost, _PROBE_GRACE)
             time.sleep(1e-4)
         MPI.Request.Waitall(requests + list(receives.values()))
 
@@ -226,10 +229,6 @@ class GroupComm:
         if self.comm is not None:
             self.comm.Free()
             self.comm = None
-
-
-class CollectiveTimeout(RuntimeError):
-    """Debug mode: a collective did not complete before its deadline."""
 
 
 _DEBUG_TAG = 0x6D70   # point-to-point tag of the debug-mode "I am here" messages
@@ -334,12 +333,12 @@ class RowExchange:
         """
         buf = self.group.buffer()
         row = buf[self.group.rank]
-        row[2], row[3] = tag                           # two scalars: no array made from a tuple
+        row[LAYER], row[CALL] = tag                    # two scalars: no array made from a tuple
         if problem is not None:
-            row[0] = problem.code
-            row[4:HEADER] = problem.details
+            row[STATUS] = problem.code
+            row[DETAILS] = problem.details
         else:
-            row[1] = count
+            row[COUNT] = count
             rows = row[HEADER:self.width].reshape(self.k, self.channels)
             for i, values in enumerate(payload):       # k (C,) arrays: no stacked copy
                 rows[i] = values
@@ -348,12 +347,12 @@ class RowExchange:
         # The rows alone when the group has no summed region (the same memory).
         self.group.allreduce_sum(self.group._flat if self.group._shared.size else buf, tag)
         # Cheap tests first (this is every call's path); the functions build the messages.
-        if buf[:, 0].any():
-            raise_agreed(buf, self.group, context, problem)
+        if buf[:, STATUS].any():
+            raise_agreed(buf[:, STATUS], buf[:, DETAILS], self.group.ranks, context, problem)
         if self.group.size > 1:
-            check_tags(buf, self.group, context)
+            check_tags(buf[:, TAG], self.group.ranks, context)
         payloads = buf[:, HEADER:self.width].reshape(-1, self.k, self.channels)
-        return buf[:, 1].copy(), payloads.copy()
+        return buf[:, COUNT].copy(), payloads.copy()
 
 
 def make_exchange(group_comm, channels, exact=False):
@@ -363,51 +362,3 @@ def make_exchange(group_comm, channels, exact=False):
     Every layer makes one, in both modes: its width is the transport's
     decision (what travels, how wide), so it lives here with the rows."""
     return RowExchange(group_comm, channels, 2, shared=SHARED_WIDTH * channels if exact else 0)
-
-
-def raise_agreed(buf, group, context, own=None):
-    """Raise, on every rank, the exception for the problems in ``buf``'s rows.
-
-    The type is that of the lowest-ranked offender; the message names every
-    offending rank (by its rank in the parent communicator) and its problem,
-    each distinct problem once. ``own``: this rank's Problem, if any; the
-    local exception behind it (``Problem.cause``) is chained on this rank.
-    """
-    bad = np.flatnonzero(buf[:, 0])
-    if bad.size == 0:
-        return
-    problems = [(group.ranks[r], Problem.from_numbers(buf[r, 0], buf[r, 4:HEADER])) for r in bad]
-    parts = said_once((rank, p.describe()) for rank, p in problems)
-    exc = problems[0][1].exception(f"{context} (group ranks {list(group.ranks)}): {parts}")
-    raise exc from getattr(own, "cause", None)
-
-
-def describe_tag(tag):
-    """A row's (layer, call) tag in words. The layer numbers its tags
-    2 * serial (forward) and 2 * serial + 1 (backward), serial = 1, 2, ...;
-    the stateless API sends (0, 0); a backward with no forward (-1, -1)."""
-    code, call = int(tag[0]), int(tag[1])
-    if code < 0:
-        return "a backward() with no forward()"
-    if code < 2:
-        return f"a stateless call{f' (call {call})' if call else ''}"
-    return f"layer {code // 2} {'backward' if code % 2 else 'forward'} call {call}"
-
-
-def check_tags(buf, group, context):
-    """Every rank must be in the same call of the same layer."""
-    tags = buf[:, 2:4]
-    if (tags == tags[0]).all():
-        return
-    calls = said_once((rank, describe_tag(t)) for rank, t in zip(group.ranks, tags))
-    raise RuntimeError(f"{context} (group ranks {list(group.ranks)}): ranks are in different layer "
-                       f"calls, so their statistics cannot be combined: {calls}. Every rank of a "
-                       f"group must call its layers in the same order (layers are numbered in "
-                       f"the order they were constructed)")
-
-
-def local_problem(problem, group, context):
-    """Raise a problem found where nothing is communicated (no peer waits)."""
-    if problem is not None:
-        where = f" (rank {group.ranks[group.rank]})" if group is not None else ""
-        raise problem.exception(f"{context}{where}: {problem.describe()}") from problem.cause

@@ -1,14 +1,40 @@
-"""Problems a rank can find in its own input, encoded as numbers.
+"""Every cross-rank error: how it is encoded, agreed on, and raised.
 
-A rank whose input is bad must not simply raise: its peers are already
-waiting in the Allreduce and would hang. Instead it joins the collective
-with a problem code and a few integer details in its row of the buffer;
-after the reduction every rank of the group sees every rank's problem and
-raises the same exception (``comm.raise_agreed``). This module only knows
-how to encode a problem into numbers and how to turn numbers back into a
-sentence.
+A collective library fails worst by hanging: a rank that raises on its own
+leaves its peers waiting in the collective. So every error that ranks of a
+group must see alike is *agreed*: each rank raises the same exception, and
+none waits. There are three ways, and this module is where to look for all
+of them:
+
+1. **In the row** (bad input, an exception in local work, ranks in
+   different calls). A rank whose input is bad joins the collective anyway,
+   with a problem code (``Code``) and a few integer details in its row of
+   the buffer (``Problem``; ``mpibn.comm`` writes and reads the rows). After
+   the one Allreduce every rank sees every rank's problem and raises the
+   same exception (``raise_agreed``), and checks that all ranks are in the
+   same call of the same layer (``check_tags``). An *unexpected* exception in
+   a rank's local work before the collective travels the same way
+   (``guarded``: ``Code.LOCAL_ERROR``). Where nothing is communicated (eval),
+   the same sentence is raised on the rank alone (``local_problem``).
+2. **By identical data** (checks after the collective). After the Allreduce
+   every rank of the group holds the same rows, and the same moving
+   statistics, so a check computed from them gives the same answer on every
+   rank with no communication: a group count <= 1, NaN or Inf in the batch,
+   a moving statistic that overflows its dtype (``mpibn.sync``), and the
+   channel-count probe of a stateless call (``sync.agreed_exchange``).
+3. **At construction** (``mpibn.agree``): one allgather of every rank's
+   arguments before ``Comm.Split``; ranks that disagree raise
+   ``AgreementError``, a rank with a bad argument makes every rank raise.
+
+Not agreed, but bounded: in debug mode a rank that waits past its deadline
+raises ``CollectiveTimeout`` naming the peers that never arrived
+(``mpibn.comm``, ``collective_timeout``).
+
+Exception types travel by name, so only builtin types (``builtin_exception``)
+and this module's own two come out the same on every rank.
 """
 import builtins
+from enum import IntEnum
 
 import numpy as np
 
@@ -29,33 +55,51 @@ def _dtype_name(code):
         return "an unknown dtype"
 
 
+class Code(IntEnum):
+    """A problem's code: the number in its row's status slot (0: no problem)."""
+    X_NOT_ARRAY = 1
+    X_DTYPE = 2
+    X_NDIM = 3
+    X_CHANNELS = 4
+    NO_FORWARD = 5
+    BACKWARD_TWICE = 6
+    DY_NOT_ARRAY = 7
+    DY_DTYPE = 8
+    DY_SHAPE = 9
+    DY_NDIM = 10
+    X_SUBCLASS = 11
+    DY_SUBCLASS = 12
+    X_CHANGED = 13
+    LOCAL_ERROR = 14
+
+
 # code -> (exception type, sentence built from the details)
 PROBLEMS = {
-    1: (TypeError, lambda d: "x must be a numpy.ndarray"),
-    2: (TypeError, lambda d: f"x has dtype {_dtype_name(d[0])}; expected {_FLOAT_NAMES}"),
-    3: (ValueError, lambda d: f"x must be 2-D (N, C) or 4-D (N, C, H, W), got a {int(d[0])}-D array"),
-    4: (ValueError, lambda d: f"x has {int(d[0])} channels (shape[1]); the layer has num_features={int(d[1])}"),
+    Code.X_NOT_ARRAY: (TypeError, lambda d: "x must be a numpy.ndarray"),
+    Code.X_DTYPE: (TypeError, lambda d: f"x has dtype {_dtype_name(d[0])}; expected {_FLOAT_NAMES}"),
+    Code.X_NDIM: (ValueError, lambda d: f"x must be 2-D (N, C) or 4-D (N, C, H, W), got a {int(d[0])}-D "
+                                        f"array"),
+    Code.X_CHANNELS: (ValueError, lambda d: f"x has {int(d[0])} channels (shape[1]); the layer has "
+                                            f"num_features={int(d[1])}"),
     # d[0] = 1 when the layer is in training mode (a training forward was due)
-    5: (RuntimeError, lambda d: f"backward() was called without a {'training ' if d[0] == 1 else ''}"
-                                f"forward() before it"),
-    6: (RuntimeError, lambda d: "backward() was called twice for one forward()"),
-    7: (TypeError, lambda d: "dy must be a numpy.ndarray"),
-    8: (TypeError, lambda d: f"dy has dtype {_dtype_name(d[0])}; expected {_FLOAT_NAMES}"),
-    9: (ValueError, lambda d: f"dy has shape {_shape(d[:4])}; the forward input had shape {_shape(d[4:])}"),
-    10: (ValueError, lambda d: "dy has more than 4 dimensions; it must have the forward input's shape"),
-    11: (TypeError, lambda d: _subclass("x", d[0])),
-    12: (TypeError, lambda d: _subclass("dy", d[0])),
-    13: (RuntimeError, lambda d: "x was modified in place between forward() and backward() (its "
-                                 "fingerprint changed), so dx would be wrong; keep x unchanged until "
-                                 "backward(), or pass forward() a copy"),
+    Code.NO_FORWARD: (RuntimeError, lambda d: f"backward() was called without a "
+                                              f"{'training ' if d[0] == 1 else ''}forward() before it"),
+    Code.BACKWARD_TWICE: (RuntimeError, lambda d: "backward() was called twice for one forward()"),
+    Code.DY_NOT_ARRAY: (TypeError, lambda d: "dy must be a numpy.ndarray"),
+    Code.DY_DTYPE: (TypeError, lambda d: f"dy has dtype {_dtype_name(d[0])}; expected {_FLOAT_NAMES}"),
+    Code.DY_SHAPE: (ValueError, lambda d: f"dy has shape {_shape(d[:4])}; the forward input had shape "
+                                          f"{_shape(d[4:])}"),
+    Code.DY_NDIM: (ValueError, lambda d: "dy has more than 4 dimensions; it must have the forward input's "
+                                         "shape"),
+    Code.X_SUBCLASS: (TypeError, lambda d: _subclass("x", d[0])),
+    Code.DY_SUBCLASS: (TypeError, lambda d: _subclass("dy", d[0])),
+    Code.X_CHANGED: (RuntimeError, lambda d: "x was modified in place between forward() and backward() "
+                                             "(its fingerprint changed), so dx would be wrong; keep x "
+                                             "unchanged until backward(), or pass forward() a copy"),
     # The exception type travels as its name (see Problem.from_exception).
-    14: (None, lambda d: f"{_unpack_name(d)} raised in this rank's own computation before the "
-                         f"collective (that rank's traceback shows it)"),
+    Code.LOCAL_ERROR: (None, lambda d: f"{_unpack_name(d)} raised in this rank's own computation before "
+                                       f"the collective (that rank's traceback shows it)"),
 }
-X_NOT_ARRAY, X_DTYPE, X_NDIM, X_CHANNELS = 1, 2, 3, 4
-NO_FORWARD, BACKWARD_TWICE, DY_NOT_ARRAY, DY_DTYPE, DY_SHAPE, DY_NDIM = 5, 6, 7, 8, 9, 10
-X_SUBCLASS, DY_SUBCLASS, X_CHANGED, LOCAL_ERROR = 11, 12, 13, 14
-
 # ndarray subclasses whose meaning the math would silently drop (details[0]).
 _MASKED, _MATRIX = 1, 2
 
@@ -81,27 +125,43 @@ def _unpack_name(details):
     return raw.rstrip(b"\0").decode("ascii", "replace") or "an exception"
 
 
+class AgreementError(ValueError):
+    """Ranks of one communicator disagree on how a layer is built (``mpibn.agree``)."""
+
+
+class CollectiveTimeout(RuntimeError):
+    """Debug mode: a collective did not complete before its deadline (``mpibn.comm``)."""
+
+
+def builtin_exception(name):
+    """The builtin exception class called ``name`` (TypeError, ValueError, ...), or RuntimeError.
+
+    Exceptions travel between ranks by their type's name, and only a builtin
+    type is the same on every rank (a library's own type may not even be
+    importable everywhere): anything else becomes RuntimeError.
+    """
+    cls = getattr(builtins, name, None)
+    return cls if isinstance(cls, type) and issubclass(cls, Exception) else RuntimeError
+
+
 class Problem:
     """One rank's problem: a code from PROBLEMS and up to N_DETAILS integers."""
 
     def __init__(self, code, *details):
-        self.code = code
+        self.code = Code(code)
         self.details = list(details) + [-1] * (N_DETAILS - len(details))
         self.cause = None          # the local exception behind a LOCAL_ERROR, on its own rank
 
     @classmethod
     def from_exception(cls, exc):
         """A LOCAL_ERROR carrying ``exc``'s type name (``exc`` itself stays on this rank)."""
-        problem = cls(LOCAL_ERROR, *_pack_name(type(exc).__name__))
+        problem = cls(Code.LOCAL_ERROR, *_pack_name(type(exc).__name__))
         problem.cause = exc
         return problem
 
     def exception_type(self):
-        if self.code == LOCAL_ERROR:
-            # The same builtin type on every rank (a library's own type is
-            # not importable everywhere): RuntimeError for anything else.
-            cls = getattr(builtins, _unpack_name(self.details), None)
-            return cls if isinstance(cls, type) and issubclass(cls, Exception) else RuntimeError
+        if self.code == Code.LOCAL_ERROR:
+            return builtin_exception(_unpack_name(self.details))
         return PROBLEMS[self.code][0]
 
     def exception(self, message):
@@ -164,28 +224,28 @@ def check_float_array(arr, name, not_array, bad_dtype, subclass):
 
 def check_input(x, num_features):
     """The problem with a forward input, or None."""
-    problem = check_float_array(x, "x", X_NOT_ARRAY, X_DTYPE, X_SUBCLASS)
+    problem = check_float_array(x, "x", Code.X_NOT_ARRAY, Code.X_DTYPE, Code.X_SUBCLASS)
     if problem is not None:
         return problem
     if x.ndim not in (2, 4):
-        return Problem(X_NDIM, x.ndim)
+        return Problem(Code.X_NDIM, x.ndim)
     if x.shape[1] != num_features:
-        return Problem(X_CHANNELS, x.shape[1], num_features)
+        return Problem(Code.X_CHANNELS, x.shape[1], num_features)
     return None
 
 
 def check_grad(dy, expected_shape):
     """The problem with a backward input, or None."""
-    problem = check_float_array(dy, "dy", DY_NOT_ARRAY, DY_DTYPE, DY_SUBCLASS)
+    problem = check_float_array(dy, "dy", Code.DY_NOT_ARRAY, Code.DY_DTYPE, Code.DY_SUBCLASS)
     if problem is not None:
         return problem
     if dy.ndim > 4:
-        return Problem(DY_NDIM)
+        return Problem(Code.DY_NDIM)
     if dy.shape != tuple(expected_shape):
         pad = [-1] * 4
         got = (list(dy.shape) + pad)[:4]
         want = (list(expected_shape) + pad)[:4]
-        return Problem(DY_SHAPE, *got, *want)
+        return Problem(Code.DY_SHAPE, *got, *want)
     return None
 
 
@@ -194,7 +254,7 @@ def guarded(problem, work):
 
     The rule of every pass (``mpibn.sync``): local work cannot skip the
     collective. Any exception in ``work()``, however deep in the math,
-    becomes a LOCAL_ERROR problem, the rank still joins with it flagged,
+    becomes a ``Code.LOCAL_ERROR`` problem, the rank still joins with it flagged,
     and every rank of the group raises (this rank with the original
     exception as ``__cause__``). Skipped when ``problem`` is already set.
     """
@@ -204,3 +264,71 @@ def guarded(problem, work):
         return None, work()
     except Exception as exc:     # noqa: BLE001 - reported to every rank, chained on this one
         return Problem.from_exception(exc), None
+
+
+# -- Reading the rows back: one agreed exception on every rank ---------------------------
+
+def raise_agreed(codes, details, ranks, context, own=None):
+    """Raise, on every rank, the exception for the problems the rows carry.
+
+    ``codes`` (P,): each row's status (0: no problem); ``details`` (P,
+    N_DETAILS); ``ranks``: the rows' ranks in the parent communicator. The
+    type is that of the lowest-ranked offender; the message names every
+    offending rank and its problem, each distinct problem once. ``own``:
+    this rank's Problem, if any; the local exception behind it
+    (``Problem.cause``) is chained on this rank.
+    """
+    bad = np.flatnonzero(codes)
+    if bad.size == 0:
+        return
+    problems = [(ranks[r], Problem.from_numbers(codes[r], details[r])) for r in bad]
+    parts = said_once((rank, p.describe()) for rank, p in problems)
+    exc = problems[0][1].exception(f"{context} (group ranks {list(ranks)}): {parts}")
+    raise exc from getattr(own, "cause", None)
+
+
+def describe_tag(tag):
+    """A row's (layer, call) tag in words. The layer numbers its tags
+    2 * serial (forward) and 2 * serial + 1 (backward), serial = 1, 2, ...;
+    the stateless API sends (0, 0); a backward with no forward (-1, -1)
+    (``mpibn.comm``: ``forward_tag``, ``backward_tag``)."""
+    code, call = int(tag[0]), int(tag[1])
+    if code < 0:
+        return "a backward() with no forward()"
+    if code < 2:
+        return f"a stateless call{f' (call {call})' if call else ''}"
+    return f"layer {code // 2} {'backward' if code % 2 else 'forward'} call {call}"
+
+
+def check_tags(tags, ranks, context):
+    """Every rank must be in the same call of the same layer: ``tags`` (P, 2), one per row."""
+    if (tags == tags[0]).all():
+        return
+    calls = said_once((rank, describe_tag(t)) for rank, t in zip(ranks, tags))
+    raise RuntimeError(f"{context} (group ranks {list(ranks)}): ranks are in different layer "
+                       f"calls, so their statistics cannot be combined: {calls}. Every rank of a "
+                       f"group must call its layers in the same order (layers are numbered in "
+                       f"the order they were constructed)")
+
+
+def local_problem(problem, group, context):
+    """Raise a problem found where nothing is communicated (no peer waits)."""
+    if problem is not None:
+        where = f" (rank {group.ranks[group.rank]})" if group is not None else ""
+        raise problem.exception(f"{context}{where}: {problem.describe()}") from problem.cause
+
+
+def collective_timeout(rank, seconds, tag, group_ranks, missing, elsewhere, lost, grace):
+    """The CollectiveTimeout of ``rank``, which waited ``seconds`` in call ``tag`` (debug mode).
+
+    ``missing``: ranks never heard from; ``elsewhere``: [(rank, its tag)] of
+    the peers heard from in another call; ``lost``: peers that arrived, then
+    fell silent for ``grace`` s past the deadline.
+    """
+    calls = ", ".join(f"rank {r} in {describe_tag(t)}" for r, t in elsewhere)
+    return CollectiveTimeout(
+        f"rank {rank} waited {seconds} s in {describe_tag(tag)} of group {list(group_ranks)}; "
+        f"never arrived: {missing or 'none'}"
+        + (f"; in another call: {calls}" if elsewhere else "")
+        + (f"; lost (arrived, then silent {grace} s after the deadline: dead or cut off): {lost}"
+           if lost else ""))

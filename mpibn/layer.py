@@ -86,7 +86,7 @@ class SyncBatchNorm:
     * ``debug_timeout``: seconds. Debug mode for the group (all layers that
       share its communicator): each collective becomes a non-blocking one
       with a deadline, and a rank that waits longer raises
-      ``mpibn.comm.CollectiveTimeout`` naming the ranks that never arrived.
+      ``mpibn.CollectiveTimeout`` naming the ranks that never arrived.
       Also set by the environment variable ``MPIBN_DEBUG_TIMEOUT``.
     * ``lockstep``: False (default) or True; None reads the environment
       variable ``MPIBN_LOCKSTEP`` (``1``/``0``). True is a promise that every

@@ -19,7 +19,7 @@ exported from ``mpibn``)::
 rank computes before the Allreduce (input checks, local moments or sums,
 exact mode's integer limbs) runs through ``errors.guarded``: a bad input
 becomes a problem code in this rank's row, and so does any *unexpected*
-exception, however deep in the math (``errors.LOCAL_ERROR``, carrying the
+exception, however deep in the math (``errors.Code.LOCAL_ERROR``, carrying the
 exception's type name). The rank still joins the collective, and every
 rank of the group raises the same exception (the rank that had it with
 the original chained as ``__cause__``). Nothing a rank does on its own can
@@ -29,9 +29,8 @@ import numpy as np
 
 from . import exact as E
 from . import functional as F
-from .comm import GroupComm, RowExchange, local_problem, make_exchange
-from .errors import (BACKWARD_TWICE, NO_FORWARD, X_CHANGED, Problem, check_grad, check_input,
-                     guarded, said_once)
+from .comm import GroupComm, RowExchange, make_exchange
+from .errors import Code, Problem, check_grad, check_input, guarded, local_problem, said_once
 from .fingerprint import fingerprint
 
 __all__ = ["sync_batch_norm", "sync_batch_norm_backward", "Saved"]
@@ -154,6 +153,7 @@ def agreed_exchange(group_comm, channels, exact, problem, tag):
     _, rows = probe.exchange(problem if channels is None else None, 0,
                              None if channels is None else [(channels, float(bool(exact)))], context, tag)
     seen = rows[:, 0, :]
+    # Every rank holds the same rows, so every rank raises alike (errors.py, "by identical data").
     if not (seen == seen[0]).all():
         said = said_once((rank, f"{int(c)} channels, exact={bool(e)}")
                          for rank, (c, e) in zip(group_comm.ranks, seen))
@@ -180,6 +180,9 @@ def batch_statistics(x, problem, exchange, eps, context, tag, running_mean=None,
         count, local = moments if problem is None else (0, None)
         counts, rows = exchange.exchange(problem, count, local, context, tag)
         total, mean, m2 = F.merge_stats(counts, rows[:, 0], rows[:, 1])
+    # The checks below read only what every rank of the group holds alike (the
+    # rows, the moving statistics): they raise on every rank or on none, with
+    # no communication (errors.py, the second way errors are agreed).
     if total <= 1:
         raise ValueError(f"{context}: expected more than 1 value per channel in training, got "
                          f"{total} over group ranks {list(group_comm.ranks)} "
@@ -262,9 +265,9 @@ def sync_batch_norm_backward(dy, saved, *, exchange=None, training=None):
     for a second backward of one ``saved``.
     """
     if saved is None:
-        problem = Problem(NO_FORWARD, 1 if training else 0)
+        problem = Problem(Code.NO_FORWARD, 1 if training else 0)
     elif saved.used:
-        problem = Problem(BACKWARD_TWICE)
+        problem = Problem(Code.BACKWARD_TWICE)
         exchange = exchange or saved.exchange
         training = saved.count is not None if training is None else training
     else:
@@ -274,7 +277,7 @@ def sync_batch_norm_backward(dy, saved, *, exchange=None, training=None):
             problem, lambda: saved.fingerprint is not None
             and fingerprint(saved.x, full=saved.count is not None) != saved.fingerprint)
         if changed:
-            problem = Problem(X_CHANGED)
+            problem = Problem(Code.X_CHANGED)
     channels = saved.mean.shape[0] if saved is not None else exchange.channels if exchange else "?"
     context = _context(channels, "backward")
     group = exchange.group if exchange else None

@@ -260,7 +260,7 @@ def test_second_functional_backward_names_the_channel_count(training):
 
 
 def test_tags_number_layers_one_two_three():
-    from mpibn.comm import describe_tag
+    from mpibn.errors import describe_tag
     assert describe_tag((2, 1)) == "layer 1 forward call 1"
     assert describe_tag((5, 7)) == "layer 2 backward call 7"
     assert describe_tag((0, 0)) == "a stateless call"
