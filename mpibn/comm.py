@@ -50,7 +50,7 @@ def _mpi():
     return MPI
 
 __all__ = ["GroupComm", "RowExchange", "CollectiveTimeout", "group_comm_for",
-           "validate_process_groups", "make_exchange"]
+           "validate_process_groups", "group_of", "make_exchange"]
 
 # A row's header, column by column: status (a problem code, 0 for none), count,
 # the (layer, call) tag, then N_DETAILS integer details of the problem.
@@ -99,6 +99,12 @@ def validate_process_groups(process_groups, size):
             seen[int(rank)] = i
         groups.append(tuple(sorted(int(r) for r in group)))
     return tuple(sorted(groups))
+
+
+def group_of(rank, groups):
+    """The group in ``groups`` that holds ``rank``, or ``(rank,)`` when none
+    does (a rank in no group synchronises with nobody but itself)."""
+    return next((g for g in groups if rank in g), (rank,))
 
 
 class GroupComm:
@@ -283,7 +289,7 @@ def _split(comm, groups):
     rank, size = comm.Get_rank(), comm.Get_size()
     if groups is None:
         groups = (tuple(range(size)),)
-    mine = next((g for g in groups if rank in g), (rank,))
+    mine = group_of(rank, groups)
     color = groups.index(mine) if len(mine) > 1 else MPI.UNDEFINED
     # Split is collective over the parent: ranks that will not communicate
     # (alone, or in no group) still take part, with color UNDEFINED.

@@ -15,7 +15,7 @@ from mpi4py import MPI
 from mpibn import exact as E
 from mpibn import SyncBatchNorm
 from mpibn.sync import sync_batch_norm, sync_batch_norm_backward
-from mpibn.comm import make_exchange
+from mpibn.comm import group_of, make_exchange
 from conftest import shard_slices
 from simulated import run_group
 
@@ -276,7 +276,7 @@ def test_partition_invariance_under_mpi(groups):
     size, rank = WORLD.Get_size(), WORLD.Get_rank()
     process_groups = {None: None, "pairs": [list(range(0, size, 2)), list(range(1, size, 2))],
                       "outside": [list(range(size - 1))] if size > 2 else None}[groups]
-    members = next((g for g in process_groups or [list(range(size))] if rank in g), [rank])
+    members = group_of(rank, process_groups or [list(range(size))])
     n, splits = world_splits(len(members))
     rng = np.random.default_rng(7)
     x = 1e6 + rng.standard_normal((n, 3, 2, 2)) * [[[1e-3]], [[1.0]], [[1e3]]]

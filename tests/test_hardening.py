@@ -14,7 +14,7 @@ from mpi4py import MPI
 import mpibn
 from mpibn import SyncBatchNorm
 from mpibn import functional as F
-from mpibn.comm import validate_process_groups
+from mpibn.comm import group_of, validate_process_groups
 from mpibn.sync import sync_batch_norm, sync_batch_norm_backward
 from conftest import global_batch
 from oracle import plain_batch_norm
@@ -214,6 +214,11 @@ def test_process_groups_in_any_order_are_the_same_partition():
     canon = validate_process_groups([[1, 0], [3, 2]], 4)
     assert canon == validate_process_groups([[2, 3], [0, 1]], 4) == ((0, 1), (2, 3))
     assert validate_process_groups([[3], [2, 0]], 4) == ((0, 2), (3,))
+
+
+def test_group_of_a_rank():
+    groups = validate_process_groups([[1, 0], [3]], 5)
+    assert [group_of(r, groups) for r in range(5)] == [(0, 1), (0, 1), (2,), (3,), (4,)]
 
 
 # -- item 11: the moving statistics overflow their dtype ---------------------------------
