@@ -39,7 +39,7 @@ import numpy as np
 from .errors import N_DETAILS, check_tags, collective_timeout, raise_agreed
 # Moved to mpibn.errors (the home of every cross-rank error); importable from here for one release.
 from .errors import CollectiveTimeout, describe_tag, local_problem  # noqa: F401
-from .exact import SHARED_WIDTH
+from .exact import SUMMED_WIDTH
 
 
 def _mpi():
@@ -58,6 +58,22 @@ STATUS, COUNT, LAYER, CALL = 0, 1, 2, 3
 TAG = slice(LAYER, CALL + 1)
 DETAILS = slice(4, 4 + N_DETAILS)
 HEADER = 4 + N_DETAILS
+
+# The (layer, call) tag: a layer's forward sends (2 * serial, call), its
+# backward (2 * serial + 1, call), serial = 1, 2, ... in construction order;
+# the stateless API (0, 0); a backward with no forward NO_FORWARD_TAG.
+# Ranks in different calls get an agreed error (errors.check_tags, describe_tag).
+NO_FORWARD_TAG = (-1, -1)
+
+
+def forward_tag(serial, call):
+    """The tag of call ``call`` of the forward of the group's layer number ``serial``."""
+    return (2 * serial, call)
+
+
+def backward_tag(tag):
+    """The tag of the backward of the forward that sent ``tag``."""
+    return (tag[0] + 1, tag[1])
 
 
 def validate_process_groups(process_groups, size):
@@ -131,9 +147,9 @@ class GroupComm:
         self._layers = 0
         self._flat = np.zeros(self.size * HEADER)
         self._buf = self._flat.reshape(self.size, HEADER)
-        self._shared = self._flat[self._flat.size:]
+        self._summed = self._flat[self._flat.size:]
 
-    def reserve(self, width, shared=0):
+    def reserve(self, width, summed=0):
         """Make the group's one buffer at least ``width`` numbers per row.
 
         Every layer of the group exchanges the *same* (P, width) buffer, the
@@ -144,14 +160,14 @@ class GroupComm:
         in the header give a clear, agreed error instead. Layers are made
         collectively, so every rank reserves the same widths in the same order.
 
-        ``shared``: numbers of a summed region after the rows (``exact=True``
+        ``summed``: numbers of a summed region after the rows (``exact=True``
         layers send integer limbs there), also the widest any layer needs.
         """
-        width, shared = max(width, self._buf.shape[1]), max(shared, self._shared.size)
-        if (width, shared) != (self._buf.shape[1], self._shared.size):
-            self._flat = np.zeros(self.size * width + shared)
+        width, summed = max(width, self._buf.shape[1]), max(summed, self._summed.size)
+        if (width, summed) != (self._buf.shape[1], self._summed.size):
+            self._flat = np.zeros(self.size * width + summed)
             self._buf = self._flat[:self.size * width].reshape(self.size, width)
-            self._shared = self._flat[self.size * width:]
+            self._summed = self._flat[self.size * width:]
 
     def buffer(self):
         """The group's (P, width) exchange buffer, zeroed (and its summed region)."""
@@ -302,20 +318,20 @@ def _split(comm, groups):
 class RowExchange:
     """One layer's view of its group's buffer: rows of HEADER + k*C numbers.
 
-    With ``shared`` > 0 the same Allreduce also carries a summed region of
+    With ``summed`` > 0 the same Allreduce also carries a summed region of
     that many numbers after the rows (``exact=True`` sends its integer limbs
     there): every rank adds its own part and reads the group's sum in
-    ``self.shared``. The sum is exact in any reduction order only for
+    ``self.summed``. The sum is exact in any reduction order only for
     integers whose partial sums stay below 2^53, which is all it carries.
     """
 
-    def __init__(self, group, channels, k, shared=0):
+    def __init__(self, group, channels, k, summed=0):
         self.group = group
         self.channels = channels
         self.k = k
         self.width = HEADER + k * channels
-        self.shared_width = shared
-        group.reserve(self.width, shared)
+        self.summed_width = summed
+        group.reserve(self.width, summed)
 
     @property
     def buf(self):
@@ -323,15 +339,15 @@ class RowExchange:
         return self.group._buf
 
     @property
-    def shared(self):
+    def summed(self):
         """The group's sum of the summed region after the last exchange."""
-        return self.group._shared[:self.shared_width]
+        return self.group._summed[:self.summed_width]
 
-    def exchange(self, problem, count, payload, context, tag=(0, 0), shared=None):
+    def exchange(self, problem, count, payload, context, tag=(0, 0), summed=None):
         """Send this rank's (problem, count, payload (k, C)); return every rank's.
 
         ``tag`` = (layer, call) identifies the call; all ranks must agree.
-        ``shared``: this rank's addend to the summed region (None: zeros).
+        ``summed``: this rank's addend to the summed region (None: zeros).
 
         Returns (counts (P,), payloads (P, k, C)) after one Allreduce, or
         raises the agreed exception on every rank when any rank reported a
@@ -348,10 +364,10 @@ class RowExchange:
             rows = row[HEADER:self.width].reshape(self.k, self.channels)
             for i, values in enumerate(payload):       # k (C,) arrays: no stacked copy
                 rows[i] = values
-            if shared is not None:
-                self.group._shared[:self.shared_width] = np.ravel(shared)
+            if summed is not None:
+                self.group._summed[:self.summed_width] = np.ravel(summed)
         # The rows alone when the group has no summed region (the same memory).
-        self.group.allreduce_sum(self.group._flat if self.group._shared.size else buf, tag)
+        self.group.allreduce_sum(self.group._flat if self.group._summed.size else buf, tag)
         # Cheap tests first (this is every call's path); the functions build the messages.
         if buf[:, STATUS].any():
             raise_agreed(buf[:, STATUS], buf[:, DETAILS], self.group.ranks, context, problem)
@@ -363,8 +379,8 @@ class RowExchange:
 
 def make_exchange(group_comm, channels, exact=False):
     """A layer's exchange: 2 numbers per channel and rank, plus the summed
-    integer limbs (``exact.SHARED_WIDTH`` per channel) when exact.
+    integer limbs (``exact.SUMMED_WIDTH`` per channel) when exact.
 
     Every layer makes one, in both modes: its width is the transport's
     decision (what travels, how wide), so it lives here with the rows."""
-    return RowExchange(group_comm, channels, 2, shared=SHARED_WIDTH * channels if exact else 0)
+    return RowExchange(group_comm, channels, 2, summed=SUMMED_WIDTH * channels if exact else 0)

@@ -32,14 +32,14 @@ summed separately in IEEE arithmetic (``special``: only 0, +-inf and NaN
 occur there, and adding those is order-free too) and override the exact part.
 
 Cost: per element about a dozen integer operations and two ``np.bincount``
-scatters; per channel 202 float64 limbs travel (1616 bytes), on top of the
-per-rank rows.
+scatters; per channel SUMMED_WIDTH float64 limbs travel, on top of the
+per-rank rows (measured costs: docs/ground-truth.md, section "exact=True").
 """
 from fractions import Fraction
 
 import numpy as np
 
-__all__ = ["LIN_LIMBS", "PROD_LIMBS", "SHARED_WIDTH", "exact_sums", "limbs_to_ints",
+__all__ = ["LIN_LIMBS", "PROD_LIMBS", "SUMMED_WIDTH", "exact_sums", "limbs_to_ints",
            "round_fraction", "exact_stats", "round_sums"]
 
 LIMB_BITS = 32
@@ -49,7 +49,8 @@ HEADROOM = 64               # bits for the count of summed terms, and the sign
 # Highest bit of a value: offset of its lsb (<= 971 - LIN_BASE) + 53 bits (971: lsb of the largest).
 LIN_LIMBS = -(-(971 - LIN_BASE + 53 + HEADROOM) // LIMB_BITS)          # 68
 PROD_LIMBS = -(-(2 * 971 - PROD_BASE + 106 + HEADROOM) // LIMB_BITS)   # 134
-SHARED_WIDTH = LIN_LIMBS + PROD_LIMBS   # float64 numbers per channel in the summed region
+SUMMED_WIDTH = LIN_LIMBS + PROD_LIMBS   # float64 numbers per channel in the summed region
+SHARED_WIDTH = SUMMED_WIDTH             # its old name, for one release
 
 _MASK = (1 << LIMB_BITS) - 1
 _HALF = 26                  # lin: a 53-bit mantissa as two halves < 2^27

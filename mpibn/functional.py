@@ -105,10 +105,8 @@ def batch_norm_stats(x):
     (u the unit roundoff, f(n) the growth of rounding error with the length
     of the sums: at most about blocks.BLOCK + n/blocks.BLOCK in the worst case, since the
     sums are BLAS dots of blocks added in order, and about sqrt(n) when the
-    rounding errors have random signs; measured up to 6e-15 for
-    n = 100,352 in random order and 3.4e-14 sorted, by
-    ``scripts/variance_demo.py --shard``; derivation.md, section 7),
-    whatever |mean|/std: x - K is (nearly)
+    rounding errors have random signs; measured errors: derivation.md,
+    section 7, "One shard's moments"), whatever |mean|/std: x - K is (nearly)
     exact where x is close to K. K is the mean of the first ceil(B/16)
     samples (the head; all of x when x.size <= SMALL_SHARD, counting every
     channel: then this is the classic two-pass algorithm), and the head's own
@@ -135,9 +133,9 @@ def batch_norm_stats(x):
     d_sum, d_sq = np.zeros(channels), np.zeros(channels)
 
     def block(b, vectors, scratch):
-        (k,), (d,) = vectors, scratch
+        (shift,), (d,) = vectors, scratch
         d[...] = x[b.index]                         # float64 copy of the block
-        d -= k                                      # d = x - K
+        d -= shift                                  # d = x - K
         d_sum[b.c] += blocks.sums(d)
         d_sq[b.c] += blocks.dots(d, d)
     blocks.each(x, (shift,), 1, block)
@@ -223,10 +221,10 @@ def batch_norm_elemt(x, mean, inv_std, gamma, beta, out_dtype=None, out=None):
     direct = y.dtype == np.float64          # then y is its own scratch
 
     def block(b, vectors, scratch):
-        (m, s, be), d = vectors, y[b.index] if direct else scratch[0]
+        (m, scale, be), d = vectors, y[b.index] if direct else scratch[0]
         d[...] = x[b.index]                 # float64
         d -= m                              # x - mean
-        d *= s
+        d *= scale                          # gamma * inv_std
         d += be
         if not direct:
             y[b.index] = d                  # rounded once
@@ -306,14 +304,14 @@ def batch_norm_backward_elemt(dy, xhat, gamma, inv_std, mean_dy, mean_dy_xhat,
     dx = np.empty(dy.shape, out_dtype or dy.dtype) if out is None else out
 
     def block(b, vectors, scratch):
-        (m, cf, mdy, k), (t, h) = vectors, scratch
+        (m, cf, mdy, scale), (t, h) = vectors, scratch
         t[...] = dy[b.index]
         t -= mdy                                    # dy - mean_dy
         h[...] = src[b.index]
         h -= m
         h *= cf                                     # xhat * mean_dy_xhat
         t -= h
-        t *= k
+        t *= scale                                  # gamma * inv_std
         dx[b.index] = t                             # rounded once
     blocks.each(dy, (mean, coef, mean_dy, scale), 2, block)
     return dx

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import checkpoint
 from .agree import agree_construction
-from .comm import group_comm_for, make_exchange, validate_process_groups
+from .comm import forward_tag, group_comm_for, make_exchange, validate_process_groups
 from .fingerprint import digest
 from .init import initializer
 from .parameter import Parameter
@@ -101,8 +101,9 @@ class SyncBatchNorm:
     * ``exact``: False (default) or True: batch mean and variance correctly
       rounded from exact integer sums (``mpibn.exact``), still one Allreduce
       per pass; y and dx then do not depend, bit for bit, on how the group's
-      batch is split across its ranks. Slower, and 202 float64 per channel
-      travel on top of the rows. Every rank must pass the same value.
+      batch is split across its ranks. Slower, and the integer limbs
+      (``exact.SUMMED_WIDTH`` float64 per channel) travel on top of the rows
+      (costs: docs/ground-truth.md). Every rank must pass the same value.
 
     The layer starts in eval mode (``training`` is False), as in MindSpore.
     """
@@ -275,7 +276,7 @@ class SyncBatchNorm:
             x, self.gamma.data, self.beta.data, group_comm=self.group_comm, eps=self.eps,
             training=training, running_mean=self.moving_mean.data,
             running_var=self.moving_variance.data, momentum=self.momentum,
-            nonfinite=self.nonfinite, exchange=self._exchange, tag=(2 * self._serial, self._calls),
+            nonfinite=self.nonfinite, exchange=self._exchange, tag=forward_tag(self._serial, self._calls),
             exact=self.exact)
         self._saved = saved
         if training:

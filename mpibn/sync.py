@@ -25,19 +25,23 @@ rank of the group raises the same exception (the rank that had it with
 the original chained as ``__cause__``). Nothing a rank does on its own can
 leave its peers waiting.
 """
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
 import numpy as np
 
 from . import exact as E
 from . import functional as F
-from .comm import GroupComm, RowExchange, make_exchange
+from .comm import NO_FORWARD_TAG, GroupComm, RowExchange, backward_tag, make_exchange
 from .errors import Code, Problem, check_grad, check_input, guarded, local_problem, said_once
 from .fingerprint import fingerprint
 
 __all__ = ["sync_batch_norm", "sync_batch_norm_backward", "Saved"]
 
 
+@dataclass(eq=False, repr=False)     # compared and printed as an object, never array by array
 class Saved:
-    """What backward needs from forward (never recomputed in backward).
+    """What backward needs from forward (never recomputed in backward); built with keywords.
 
     x (B, C, L) is kept by reference, with ``fingerprint`` (``mpibn.fingerprint``)
     taken in forward: backward refuses an x modified in place in between.
@@ -45,16 +49,19 @@ class Saved:
     constants (the moving statistics were used): then backward communicates
     nothing.
     """
-
-    def __init__(self, x, shape, mean, inv_std, var, gamma, count, group_comm, exchange, tag, exact=False,
-                 fingerprint=None):
-        self.x, self.shape, self.mean, self.inv_std, self.gamma = x, shape, mean, inv_std, gamma
-        self.var = var            # biased batch variance (None with constant statistics)
-        self.count = count
-        self.group_comm, self.exchange, self.tag = group_comm, exchange, tag
-        self.exact = exact
-        self.fingerprint = fingerprint     # None: x is a private copy nobody else can change
-        self.used = False
+    x: np.ndarray              # (B, C, L), the caller's memory unless a copy was needed
+    shape: tuple               # x's shape as the caller passed it
+    mean: np.ndarray           # (C,) float64, the statistics forward normalised with
+    inv_std: np.ndarray        # (C,) float64
+    var: Optional[np.ndarray]  # biased batch variance (None with constant statistics)
+    gamma: np.ndarray          # (C,)
+    count: Optional[int]       # the group's count of values per channel, or None (see above)
+    group_comm: GroupComm
+    exchange: Optional[RowExchange]
+    tag: tuple                 # forward's (layer, call); backward sends comm.backward_tag of it
+    exact: bool = False
+    fingerprint: Any = None    # None: x is a private copy nobody else can change
+    used: bool = field(default=False, init=False)     # set by the one backward it may feed
 
 
 def _context(num_features, what):
@@ -131,8 +138,9 @@ def sync_batch_norm(x, gamma, beta, *, group_comm, eps=1e-5, training=True, runn
     # x3 shares memory with the caller's x unless as_ncl or _native copied it.
     # In eval, x feeds only this rank's dgamma (dx = gamma * inv_std * dy) and
     # the forward is one cheap pass: the sampled values only, not a full read.
-    mark = fingerprint(x3, full=training) if np.may_share_memory(x3, original) else None
-    saved = Saved(x3, x.shape, mean, inv_std, var, gamma, count, group_comm, exchange, tag, exact, mark)
+    x_fingerprint = fingerprint(x3, full=training) if np.may_share_memory(x3, original) else None
+    saved = Saved(x=x3, shape=x.shape, mean=mean, inv_std=inv_std, var=var, gamma=gamma, count=count,
+                  group_comm=group_comm, exchange=exchange, tag=tag, exact=exact, fingerprint=x_fingerprint)
     return y.reshape(x.shape), saved
 
 
@@ -251,7 +259,7 @@ def sync_batch_norm_backward(dy, saved, *, exchange=None, training=None):
     silently change dx, so backward first compares x with the fingerprint
     forward took (``mpibn.fingerprint``: the sum of x's raw bits modulo 2^64
     plus a few sampled values per (sample, channel) plane; one read of x at
-    memory speed in each pass, 2 to 3 % of a training step) and raises
+    memory speed in each pass, its cost in docs/reliability.md) and raises
     RuntimeError instead, on every rank of the group in training. It cannot
     see a reordering confined to unsampled positions. After an eval forward
     (where x feeds only dgamma, not dx) only the sampled values are
@@ -262,48 +270,27 @@ def sync_batch_norm_backward(dy, saved, *, exchange=None, training=None):
     group and width match the peers') and ``training`` say whether the peers
     are in a collective; this rank joins it with an error flag so that every
     rank raises the same RuntimeError instead of waiting forever. The same
-    for a second backward of one ``saved``.
+    for a second backward of one ``saved``. The mode (exact or not) is the
+    forward's, ``saved.exact``.
     """
-    if saved is None:
-        problem = Problem(Code.NO_FORWARD, 1 if training else 0)
-    elif saved.used:
-        problem = Problem(Code.BACKWARD_TWICE)
-        exchange = exchange or saved.exchange
-        training = saved.count is not None if training is None else training
-    else:
-        exchange, training = saved.exchange or exchange, saved.count is not None
-        problem = check_grad(dy, saved.shape)
-        problem, changed = guarded(
-            problem, lambda: saved.fingerprint is not None
-            and fingerprint(saved.x, full=saved.count is not None) != saved.fingerprint)
-        if changed:
-            problem = Problem(Code.X_CHANGED)
+    problem = _backward_problem(dy, saved, training)
+    exchange, training = _backward_peers(saved, exchange, training)
     channels = saved.mean.shape[0] if saved is not None else exchange.channels if exchange else "?"
     context = _context(channels, "backward")
     group = exchange.group if exchange else None
     if not training:
+        local_problem(problem, group, context)      # no peer waits: raise on this rank alone
+    exact = saved is not None and saved.exact     # with no usable saved only the error travels
+    # This rank's local work: an exception in it travels as its problem (errors.guarded).
+    problem, local = guarded(problem, lambda: _local_backward(dy, saved, exact))
+    dy3, xhat, sums = local if local is not None else (None, None, None)
+    if not training:
         local_problem(problem, group, context)
-
-    sums = dy3 = xhat = None
-    exact = saved.exact if saved is not None else bool(exchange and exchange.shared_width)
-    if problem is None:
-        problem, dy3 = guarded(None, lambda: F.as_ncl(_native(dy)))
-        if exact:
-            # The exact sums need xhat itself (float64, full size).
-            problem, xhat = guarded(problem, lambda: (saved.x - saved.mean[:, None]) * saved.inv_std[:, None])
-        else:
-            # xhat = (x - mean) * inv_std is formed block by block from what
-            # forward kept; it never exists in full.
-            problem, sums = guarded(problem, lambda: F.batch_norm_backward_reduce(
-                dy3, x=saved.x, mean=saved.mean, inv_std=saved.inv_std))
-        if not training:
-            local_problem(problem, group, context)
+    tag = backward_tag(saved.tag) if saved is not None else NO_FORWARD_TAG
     if exact:
-        tag = (saved.tag[0] + 1, saved.tag[1]) if saved is not None else (-1, -1)
         mean_dy, mean_dy_xhat, sums = exact_backward_sums(
             exchange, problem, dy3, xhat, saved.count if saved else None, training, context, tag)
     elif training:
-        tag = (saved.tag[0] + 1, saved.tag[1]) if saved is not None else (-1, -1)
         _, rows = exchange.exchange(problem, 0, sums, context, tag)
         # Added in rank order on every rank: bitwise the same dx everywhere.
         group_sum_dy, group_sum_dy_xhat = rows.sum(axis=0)
@@ -317,13 +304,64 @@ def sync_batch_norm_backward(dy, saved, *, exchange=None, training=None):
     return dx.reshape(saved.shape), sums[1], sums[0]
 
 
+def _backward_problem(dy, saved, training):
+    """This rank's problem with a backward call, before any math, or None.
+
+    The first found wins, in this order (which problem a rank reports is
+    tested): no forward, a second backward of one forward, a bad dy, x
+    changed in place since forward.
+    """
+    if saved is None:
+        return Problem(Code.NO_FORWARD, 1 if training else 0)
+    if saved.used:
+        return Problem(Code.BACKWARD_TWICE)
+    problem = check_grad(dy, saved.shape)
+    problem, changed = guarded(problem, lambda: _x_changed(saved))
+    return Problem(Code.X_CHANGED) if changed else problem
+
+
+def _x_changed(saved):
+    """Whether x no longer matches the fingerprint forward took (None: x is a private copy)."""
+    if saved.fingerprint is None:
+        return False
+    return fingerprint(saved.x, full=saved.count is not None) != saved.fingerprint
+
+
+def _backward_peers(saved, exchange, training):
+    """(exchange, training): which collective this backward's peers are in, if any.
+
+    A forward knows (``saved``: its exchange, and whether its statistics
+    were the batch's). A rank without a usable forward has the caller's word
+    for its peers: ``exchange`` and ``training``.
+    """
+    if saved is None:
+        return exchange, training
+    if saved.used:
+        return exchange or saved.exchange, saved.count is not None if training is None else training
+    return saved.exchange or exchange, saved.count is not None
+
+
+def _local_backward(dy, saved, exact):
+    """This rank's work before the collective: (dy3, xhat, sums).
+
+    The default mode returns this rank's two sums, xhat = (x - mean) *
+    inv_std formed block by block from what forward kept (it never exists in
+    full); exact mode returns xhat itself (float64, full size), which its
+    exact sums need.
+    """
+    dy3 = F.as_ncl(_native(dy))
+    if exact:
+        return dy3, (saved.x - saved.mean[:, None]) * saved.inv_std[:, None], None
+    return dy3, None, F.batch_norm_backward_reduce(dy3, x=saved.x, mean=saved.mean, inv_std=saved.inv_std)
+
+
 # -- exact=True: exact sums -> the one Allreduce -> rounded once ---------------------------
 #
 # Forward, per channel, over the group:
 #
 #   rank r      lin_r  = limbs of sum x,  prod_r = limbs of sum x^2       exact.exact_sums
 #   ONE Allreduce   rows: [count_r, special_r (2, C)]
-#                   summed region: [lin | prod] (C, exact.SHARED_WIDTH)
+#                   summed region: [lin | prod] (C, exact.SUMMED_WIDTH)
 #   group       N = sum count_r, S1 = sum lin_r, S2 = sum prod_r (integers: exact, any order)
 #               mean = S1 / N, var = (N S2 - S1^2) / N^2, unbiased = ... / (N (N - 1))
 #               each correctly rounded to float64                     exact.exact_stats
@@ -344,19 +382,19 @@ def _exact_exchange(exchange, problem, u3, w3, context, tag):
 
     Returns (counts (P,), rows (P, 2, C), the group's limbs (lin, prod),
     this rank's own (lin, prod, special) or None)."""
-    if exchange.shared_width != E.SHARED_WIDTH * exchange.channels:
+    if exchange.summed_width != E.SUMMED_WIDTH * exchange.channels:
         raise ValueError(f"{context}: exact=True needs an exchange made by "
                          f"mpibn.sync_exact.make_exchange(..., exact=True)")
-    count, local, shared, own = 0, None, None, None
+    count, local, summed, own = 0, None, None, None
     # Local work cannot skip the collective (the rule of this module): an
     # exception in the exact sums travels as this rank's problem.
     problem, own = guarded(problem, lambda: E.exact_sums(
         _channels_last(u3), None if w3 is None else _channels_last(w3)))
     if problem is None:
         count = u3.shape[0] * u3.shape[2]
-        local, shared = own[2], np.concatenate(own[:2], axis=1)
-    counts, rows = exchange.exchange(problem, count, local, context, tag, shared=shared)
-    limbs = exchange.shared.reshape(exchange.channels, E.SHARED_WIDTH)
+        local, summed = own[2], np.concatenate(own[:2], axis=1)
+    counts, rows = exchange.exchange(problem, count, local, context, tag, summed=summed)
+    limbs = exchange.summed.reshape(exchange.channels, E.SUMMED_WIDTH)
     return counts, rows, (limbs[:, :E.LIN_LIMBS], limbs[:, E.LIN_LIMBS:]), own
 
 
