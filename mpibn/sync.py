@@ -23,7 +23,11 @@ exception, however deep in the math (``errors.Code.LOCAL_ERROR``, carrying the
 exception's type name). The rank still joins the collective, and every
 rank of the group raises the same exception (the rank that had it with
 the original chained as ``__cause__``). Nothing a rank does on its own can
-leave its peers waiting.
+leave its peers waiting. (All the ways errors are agreed: ``mpibn.errors``.)
+
+Both modes' passes are here: the default mode's helpers follow each pass,
+and ``exact=True``'s (exact integer sums in the same one Allreduce) are at
+the bottom of the module.
 """
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -161,7 +165,8 @@ def agreed_exchange(group_comm, channels, exact, problem, tag):
     _, rows = probe.exchange(problem if channels is None else None, 0,
                              None if channels is None else [(channels, float(bool(exact)))], context, tag)
     seen = rows[:, 0, :]
-    # Every rank holds the same rows, so every rank raises alike (errors.py, "by identical data").
+    # Every rank holds the same rows, so every rank raises alike, or none does
+    # (the second way errors are agreed: mpibn/errors.py).
     if not (seen == seen[0]).all():
         said = said_once((rank, f"{int(c)} channels, exact={bool(e)}")
                          for rank, (c, e) in zip(group_comm.ranks, seen))
@@ -190,7 +195,7 @@ def batch_statistics(x, problem, exchange, eps, context, tag, running_mean=None,
         total, mean, m2 = F.merge_stats(counts, rows[:, 0], rows[:, 1])
     # The checks below read only what every rank of the group holds alike (the
     # rows, the moving statistics): they raise on every rank or on none, with
-    # no communication (errors.py, the second way errors are agreed).
+    # no communication (the second way errors are agreed: mpibn/errors.py).
     if total <= 1:
         raise ValueError(f"{context}: expected more than 1 value per channel in training, got "
                          f"{total} over group ranks {list(group_comm.ranks)} "
