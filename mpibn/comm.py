@@ -49,6 +49,7 @@ def _mpi():
     from mpi4py import MPI
     return MPI
 
+
 __all__ = ["GroupComm", "RowExchange", "CollectiveTimeout", "group_comm_for",
            "validate_process_groups", "group_of", "make_exchange"]
 
