@@ -12,6 +12,7 @@ because the group communicator is made with ``Comm.Split`` (and then shared
 by every later layer with the same ``process_groups``). Before the Split,
 one allgather checks that the ranks agree on the arguments (``mpibn.agree``).
 """
+import inspect
 import math
 import numbers
 import os
@@ -130,7 +131,32 @@ class SyncBatchNorm:
             error = exc
         agree_construction(comm, None if error else self.agreed_fields(), error,
                            "SyncBatchNorm construction")
-        self.group_comm = group_comm_for(comm, process_groups)     # collective on first use
+        self._join(group_comm_for(comm, process_groups))     # collective on first use
+
+    @classmethod
+    def _on_group(cls, group_comm, *args, **kwargs):
+        """``SyncBatchNorm(*args, **kwargs)`` on a group communicator made by the caller: no MPI.
+
+        For ``mpibn.testing``, whose simulated ranks are threads of one
+        process. ``comm=`` is required and only needs ``Get_size()``
+        (process_groups are checked against it); every argument is checked
+        as the constructor checks it. Skipped: the Split (``group_comm`` is
+        the group) and the construction agreement, since one caller builds
+        every rank's layer from one set of arguments (and there is no
+        communicator to gather over).
+        """
+        bound = inspect.signature(cls).bind(*args, **kwargs)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        layer = cls.__new__(cls)
+        layer.comm = arguments.pop("comm")
+        layer._init_local(**arguments)
+        layer._join(group_comm)
+        return layer
+
+    def _join(self, group_comm):
+        """Take this rank's group communicator, the layer's exchange and serial on it."""
+        self.group_comm = group_comm
         if self.debug_timeout is not None:
             self.group_comm.debug_timeout = self.debug_timeout
         # The group's one preallocated buffer serves both passes: forward sends

@@ -4,15 +4,18 @@
 process and returns, per rank, what ``SyncBatchNorm`` gives under
 ``mpiexec -n P`` on the same shards, **bit for bit**, in both modes
 (``exact=False`` and ``True``). It is not a second implementation: each
-simulated rank runs the real stateless pass of ``mpibn.sync`` (the one the
-layer runs), and only the one Allreduce is replaced by an in-process sum
-over threads (``_SimulatedGroup``). Why that gives the same bits: each rank
-writes only its own row of the exchange buffer and the others are zero, so
-the MPI sum hands every rank every row exactly, and the exact mode's summed
-region holds integers below 2^53, exact in any order (``mpibn.comm``,
-``mpibn.sync_exact``). The simulated sum adds the same buffers, so the rows
-and limbs after it are the ones MPI gives, and everything after is the same
-code on the same numbers.
+simulated rank is a real ``SyncBatchNorm`` (``SyncBatchNorm._on_group``,
+on a simulated group communicator) that runs ``y = bn(x)`` and
+``dx = bn.backward(dy)``; only the one Allreduce is replaced by an
+in-process sum over threads (``_SimulatedGroup``). Why that gives the same
+bits: each rank writes only its own row of the exchange buffer and the
+others are zero, so the MPI sum hands every rank every row exactly, and the
+exact mode's summed region holds integers below 2^53, exact in any order
+(``mpibn.comm``, ``mpibn.sync_exact``). The simulated sum adds the same
+buffers, so the rows and limbs after it are the ones MPI gives, and
+everything after is the same code on the same numbers. Not simulated:
+the construction agreement (``mpibn.agree``), as one call builds every
+rank's layer from one set of arguments.
 
 ``assert_matches(actual, expected)`` compares a backend's per-rank results
 with the reference using ``mpibn verify``'s measures and tolerances
@@ -27,15 +30,15 @@ from types import SimpleNamespace
 import numpy as np
 
 from .comm import GroupComm, validate_process_groups
+from .golden import OUTPUT_KEYS
 from .init import initializer
-from .sync import sync_batch_norm, sync_batch_norm_backward
-from .sync_exact import make_exchange
+from .layer import SyncBatchNorm
 from .verify import compare_quantity
 
 __all__ = ["reference", "assert_matches", "QUANTITIES"]
 
-#: The per-rank result attributes, in the order of the golden files.
-QUANTITIES = ("y", "dx", "dgamma", "dbeta", "batch_mean", "batch_var", "moving_mean", "moving_var")
+#: The per-rank result attributes, in the order of the golden files (the same tuple).
+QUANTITIES = OUTPUT_KEYS
 
 _TIMEOUT = 120.0     # seconds a simulated rank waits for its peers (a bug, never a normal wait)
 
@@ -47,6 +50,19 @@ class _SimulatedGroup:
         self.size = size
         self.barrier = threading.Barrier(size, timeout=_TIMEOUT)
         self.bufs = [None] * size
+
+
+class _Parent:
+    """What a simulated rank's layer asks of its parent communicator: its size and rank."""
+
+    def __init__(self, size, rank):
+        self.size, self.rank = size, rank
+
+    def Get_size(self):
+        return self.size
+
+    def Get_rank(self):
+        return self.rank
 
 
 class _SimulatedGroupComm(GroupComm):
@@ -154,33 +170,49 @@ def reference(xs, dys=None, *, process_groups=None, gamma=None, beta=None, movin
     if xs[0].ndim not in (2, 4):
         raise ValueError(f"xs[0] must be (N, C) or (N, C, H, W), got shape {xs[0].shape}")
     channels = xs[0].shape[1]
-    gammas = _per_rank(gamma, size, "gamma", "ones", dtype, channels)
-    betas = _per_rank(beta, size, "beta", "zeros", dtype, channels)
-    means = _per_rank(moving_mean, size, "moving_mean", "zeros", dtype, channels)
-    variances = _per_rank(moving_var, size, "moving_var", "ones", dtype, channels)
-    uses_batch = training if use_batch_statistics is None else bool(use_batch_statistics)
+    values = [_per_rank(value, size, name, default, dtype, channels) for value, name, default in (
+        (gamma, "gamma", "ones"), (beta, "beta", "zeros"), (moving_mean, "moving_mean", "zeros"),
+        (moving_var, "moving_var", "ones"))]
     comms = _group_comms(size, process_groups)
-
-    def rank_step(r):
-        # What SyncBatchNorm.construct and .backward do (mpibn.layer), on rank r.
-        group_comm = comms[r]
-        exchange = make_exchange(group_comm, channels, exact)
-        y, saved = sync_batch_norm(xs[r], gammas[r], betas[r], group_comm=group_comm, eps=float(eps),
-                                   training=uses_batch, running_mean=means[r], running_var=variances[r],
-                                   momentum=float(momentum), exchange=exchange, tag=(2, 1 if uses_batch else 0),
-                                   exact=bool(exact))
-        out = SimpleNamespace(y=y, dx=None, dgamma=None, dbeta=None,
-                              batch_mean=saved.mean if uses_batch else None,
-                              batch_var=saved.var if uses_batch else None)
-        if dys is not None:
-            dx, dgamma, dbeta = sync_batch_norm_backward(dys[r], saved, exchange=exchange,
-                                                         training=uses_batch)
-            out.dx, out.dgamma, out.dbeta = dx, dgamma.astype(dtype), dbeta.astype(dtype)
-        out.moving_mean, out.moving_var = means[r].copy(), variances[r].copy()
-        return out
-
+    layers = [SyncBatchNorm._on_group(
+        comms[r], channels, process_groups=process_groups, dtype=dtype, exact=bool(exact), lockstep=False,
+        use_batch_statistics=None if use_batch_statistics is None else bool(use_batch_statistics),
+        comm=_Parent(size, r)) for r in range(size)]
+    for bn, state in zip(layers, zip(*values)):
+        _set_state(bn, state, float(eps), float(momentum), training)
     barriers = {id(c._group): c._group.barrier for c in comms if c._group is not None}
-    return _run_threads([lambda r=r: rank_step(r) for r in range(size)], list(barriers.values()))
+    return _run_threads([lambda r=r: _step(layers[r], xs[r], None if dys is None else dys[r])
+                         for r in range(size)], list(barriers.values()))
+
+
+def _set_state(bn, state, eps, momentum, training):
+    """The values of one reference() call as the layer's state, in its mode.
+
+    Set, not passed to the constructor: reference() takes the moving
+    statistics as values (one per rank, as a step left them), and it
+    accepts, as it always has, values the constructor refuses (eps <= 0,
+    momentum outside [0, 1], a negative moving variance) or the construction
+    agreement would (gamma that differs per rank). The layer's passes read
+    them from these attributes."""
+    bn.eps, bn.momentum = eps, momentum
+    for parameter, value in zip(bn.get_parameters(), state):     # gamma, beta, mean, variance
+        parameter.data = value
+    bn.set_train(training)
+
+
+def _step(bn, x, dy):
+    """``y = bn(x); dx = bn.backward(dy)`` on one simulated rank, and what the layer then holds."""
+    try:
+        y = bn(x)
+        out = SimpleNamespace(y=y, dx=None, dgamma=None, dbeta=None, batch_mean=bn.batch_mean,
+                              batch_var=bn.batch_var)
+        if dy is not None:
+            out.dx = bn.backward(dy)
+            out.dgamma, out.dbeta = bn.gamma.grad, bn.beta.grad
+        out.moving_mean, out.moving_var = bn.moving_mean.data.copy(), bn.moving_variance.data.copy()
+        return out
+    finally:
+        bn.close()
 
 
 def _get(result, key):

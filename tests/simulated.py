@@ -4,13 +4,15 @@
 their ``GroupComm`` wraps a fake communicator whose Allreduce adds the P
 buffers in an order chosen at random *per rank and per call*, which is
 stricter than any MPI library (they at least agree between ranks on one
-call). Exceptions in a thread are re-raised in the caller.
+call). The threads run as ``mpibn.testing.reference``'s simulated ranks do
+(``_run_threads``: the lowest rank's error is re-raised in the caller).
 """
 import threading
 
 import numpy as np
 
 from mpibn.comm import GroupComm
+from mpibn.testing import _run_threads
 
 
 class _Shared:
@@ -50,27 +52,10 @@ class FakeComm:
 
 
 def run_group(size, fn, seed=0, tree=False):
-    """[fn(group_comm, rank) for each rank], run concurrently in threads."""
+    """[fn(group_comm, rank) for each rank], run concurrently in threads (``mpibn.testing``'s runner)."""
     shared = _Shared(size, seed, tree)
-    results, errors = [None] * size, [None] * size
 
-    def body(rank):
-        comm = FakeComm(shared, rank) if size > 1 else None
-        try:
-            results[rank] = fn(GroupComm(comm, range(size), rank), rank)
-        except BaseException as exc:         # noqa: BLE001 - re-raised below
-            errors[rank] = exc
-            shared.barrier.abort()
+    def rank_fn(rank):
+        return fn(GroupComm(FakeComm(shared, rank) if size > 1 else None, range(size), rank), rank)
 
-    threads = [threading.Thread(target=body, args=(r,)) for r in range(size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    for exc in errors:
-        if exc is not None and not isinstance(exc, threading.BrokenBarrierError):
-            raise exc
-    for exc in errors:
-        if exc is not None:
-            raise exc
-    return results
+    return _run_threads([lambda r=r: rank_fn(r) for r in range(size)], [shared.barrier])

@@ -14,6 +14,7 @@ import pytest
 from mpi4py import MPI
 
 from mpibn import SyncBatchNorm
+from mpibn import golden as G
 from mpibn.testing import QUANTITIES, assert_matches, reference
 
 WORLD = MPI.COMM_WORLD
@@ -106,6 +107,65 @@ def test_reference_is_bitwise_the_layer_on_one_rank():
             assert_bitwise(layer[t], ref[t][0])
 
 
+def golden_reference(s, size):
+    """reference() on golden scenario ``s``'s shards: its two steps, moving statistics carried over."""
+    data = [G.inputs(s, r) for r in range(size)]
+    mm, mv, out = data[0]["moving_mean0"], data[0]["moving_var0"], []
+    for step in range(G.STEPS):
+        res = reference([d["x"][step] for d in data], [d["dy"][step] for d in data],
+                        process_groups=s.process_groups, gamma=data[0]["gamma"], beta=data[0]["beta"],
+                        moving_mean=mm, moving_var=mv, eps=s.eps, momentum=s.momentum, training=s.training,
+                        use_batch_statistics=s.use_batch_statistics, exact=s.exact, dtype=np.float64)
+        mm, mv = [r.moving_mean for r in res], [r.moving_var for r in res]
+        out.append(res)
+    return out
+
+
+def assert_golden_bitwise(s, layer_files, ref):
+    """The layer's golden outputs (one dict per rank) against golden_reference's, bit for bit."""
+    for r, files in enumerate(layer_files):
+        for key in s.outputs():
+            for step in range(G.STEPS):
+                a, b = files[key][step], np.asarray(getattr(ref[step][r], key))
+                assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), (s.name, r, key, step)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("exact", [False, True])
+def test_reference_is_bitwise_the_layer_on_every_golden_scenario(exact, dtype):
+    # The layer under mpiexec writes the golden files; rank 0 checks reference() against all of them.
+    # Not wide_c2048 in exact mode: its exact sums over 2048 channels take seconds on 4 simulated
+    # ranks (the default mode and the one-rank test below have that shape).
+    size = WORLD.Get_size()
+    table = {name: s for name, s in G.scenarios(size, dtype, exact=exact).items()
+             if not (exact and name == "wide_c2048")}
+    gathered = {name: WORLD.gather(G.run_scenario(WORLD, s), root=0) for name, s in table.items()}
+    if WORLD.Get_rank() == 0:
+        for name, s in table.items():
+            assert_golden_bitwise(s, gathered[name], golden_reference(s, size))
+
+
+def test_reference_is_bitwise_the_layer_on_every_golden_scenario_one_rank():
+    for exact in (False, True):
+        for s in G.scenarios(1, "float32", exact=exact).values():
+            assert_golden_bitwise(s, [G.run_scenario(MPI.COMM_SELF, s)], golden_reference(s, 1))
+
+
+def test_reference_runs_the_layer(monkeypatch):
+    # One copy of the per-step code: every simulated rank is a SyncBatchNorm that runs forward and backward.
+    calls = []
+    for method in ("construct", "backward"):
+        real = getattr(SyncBatchNorm, method)
+        monkeypatch.setattr(SyncBatchNorm, method, lambda self, a, real=real, method=method: calls.append(
+            (method, self.group_comm.rank, self.group_comm.size, 2 * self._serial)) or real(self, a))
+    xs, dys = shards(4, [2, 0, 3], (2,), np.float32)
+    res = reference(xs, dys, process_groups=[[0, 1]])
+    assert sorted(calls) == [("backward", 0, 1, 2), ("backward", 0, 2, 2), ("backward", 1, 2, 2),
+                             ("construct", 0, 1, 2), ("construct", 0, 2, 2), ("construct", 1, 2, 2)]
+    assert res[1].dgamma.dtype == np.float32 and QUANTITIES is G.OUTPUT_KEYS
+
+
 def test_reference_values_against_the_concatenated_batch():
     # Independent check of the simulated group: the textbook formulas on the group's batch.
     from oracle import plain_batch_norm
@@ -144,6 +204,10 @@ def test_reference_errors_name_the_argument():
     # The layer's own agreed error, raised (once) and not hung: 1 value per channel.
     with pytest.raises(ValueError, match="expected more than 1 value per channel"):
         reference([np.ones((1, 3)), np.ones((0, 3))])
+    # No channel: the layer cannot be built (num_features=0), in any mode.
+    for training in (True, False):
+        with pytest.raises(ValueError, match="num_features must be at least 1, got 0"):
+            reference([np.ones((2, 0))] * 2, training=training)
 
 
 # -- assert_matches ---------------------------------------------------------------------------
