@@ -4,9 +4,9 @@ import argparse
 import numpy as np
 import pytest
 
-from mpibn import explain
-from mpibn.__main__ import main
-from mpibn.launch import under_mpiexec
+from mpibn.cli import explain
+from mpibn.cli.main import main
+from mpibn.cli.launch import under_mpiexec
 
 
 @pytest.mark.parametrize("argv", [

@@ -15,8 +15,8 @@ import pytest
 from mpi4py import MPI
 
 from mpibn import golden as G
-from mpibn.__main__ import main
-from mpibn.launch import find_mpiexec
+from mpibn.cli.main import main
+from mpibn.cli.launch import find_mpiexec
 from oracle import exact_batch_norm, plain_batch_norm, ulp_distance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,7 +7,7 @@ import pytest
 from mpi4py import MPI
 
 from mpibn import golden as G
-from mpibn.__main__ import main
+from mpibn.cli.main import main
 
 
 @pytest.fixture(scope="module")

@@ -42,8 +42,9 @@ import time
 
 import numpy as np
 
-from . import blocks
-from . import bench as B
+from mpibn import blocks
+
+from . import run as B
 
 SHAPES = ([(n, c) for n in (2, 16, 256) for c in (8, 256, 1024)]
           + [(2, 4, 3, 3), (8, 64, 8, 8), (16, 64, 28, 28), (32, 64, 56, 56), (4, 512, 7, 7)])
@@ -237,7 +238,7 @@ def mpi_run(nprocs, setting, rounds):
     fd, path = tempfile.mkstemp(suffix=".json")
     os.close(fd)
     env = dict(os.environ, **MPI_SETTINGS[setting])
-    cmd = [B.find_mpiexec(), "-n", str(nprocs), sys.executable, "-m", "mpi4py", "-m", "mpibn.bench_grid",
+    cmd = [B.find_mpiexec(), "-n", str(nprocs), sys.executable, "-m", "mpi4py", "-m", "mpibn.cli.bench.grid",
            "--mpi-worker", path, str(rounds)]
     try:
         rc = subprocess.run(cmd, env=env, timeout=600, stdout=subprocess.DEVNULL).returncode
@@ -287,7 +288,7 @@ def report_lines(cells, runs, checks):
 
 
 def run_grid(args, argv):
-    """``mpibn bench --grid`` (called by ``mpibn.bench.main`` with its parsed arguments)."""
+    """``mpibn bench --grid`` (called by ``mpibn.cli.bench.run.main`` with its parsed arguments)."""
     B.ARGS = args              # bench may run as __main__, a module apart from mpibn.bench
     torch, functional = B.load_torch()
     load = os.getloadavg()

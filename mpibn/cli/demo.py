@@ -32,7 +32,7 @@ def reference(x, dy, gamma, beta, eps):
 
 def run(args):
     from mpi4py import MPI
-    from .layer import SyncBatchNorm
+    from ..layer import SyncBatchNorm
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()

@@ -4,7 +4,7 @@
     mpibn bench --np             # single process only
     mpibn bench --quick          # fewer repeats, for a first look
     mpibn bench --smoke          # tiny shapes, no MPI, no torch: checks that it runs
-    mpibn bench --grid           # mpibn / torch over shapes x dtypes (mpibn/bench_grid.py)
+    mpibn bench --grid           # mpibn / torch over shapes x dtypes (mpibn/cli/bench/grid.py)
 
 For each shape it times, in the same process and interleaved (one repeat
 of each candidate in turn, so that load from other programs hits all of
@@ -43,7 +43,7 @@ import tracemalloc
 import numpy as np
 
 from mpibn import blocks
-from mpibn.launch import find_mpiexec
+from mpibn.cli.launch import find_mpiexec
 
 SHAPES = [((32, 64, 56, 56), "float32"), ((256, 1024), "float32"),
           ((8, 256, 28, 28), "float64"), ((16, 64, 28, 28), "float16")]
@@ -52,7 +52,7 @@ MPI_SHAPES = [((32, 64, 56, 56), "float32"), ((256, 1024), "float32")]
 YIELD_ENV = {"MPIR_CVAR_ENABLE_HEAVY_YIELD": "1"}
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 # The source checkout this module runs from, if any (pip install -e .).
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 ARGS = None
 torch = None
 TF = None
@@ -71,7 +71,7 @@ def parse(argv, prog="mpibn bench"):
     p.add_argument("--smoke", action="store_true", help="tiny shapes, no MPI, no torch: checks the script")
     p.add_argument("--grid", action="store_true",
                    help="mpibn / torch over a grid of shapes and dtypes, best of --repeats, and the tiny "
-                        "layer under mpiexec (mpibn/bench_grid.py); writes performance-grid.json and .png")
+                        "layer under mpiexec (mpibn/cli/bench/grid.py); writes performance-grid.json and .png")
     p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                    help="--grid cells: CPU time of the process (default; other programs' load does not "
                         "count) or wall time")
@@ -258,7 +258,7 @@ def worker(path):
 def relaunch(nprocs):
     fd, path = tempfile.mkstemp(suffix=".json")
     os.close(fd)
-    cmd = [find_mpiexec(), "-n", str(nprocs), sys.executable, "-m", "mpi4py", "-m", "mpibn.bench",
+    cmd = [find_mpiexec(), "-n", str(nprocs), sys.executable, "-m", "mpi4py", "-m", "mpibn.cli.bench",
            "--worker", path, "--repeats", str(ARGS.repeats), "--warmup", str(ARGS.warmup),
            "--threads", str(ARGS.threads)]
     progress(f"mpiexec -n {nprocs}: weak scaling ...")
@@ -386,14 +386,14 @@ def main(argv=None, prog="mpibn bench"):
     global ARGS, torch, TF
     argv = sys.argv[1:] if argv is None else list(argv)
     ARGS = parse(argv, prog)
-    from .bench_grid import OPENBLAS_VARS, run_grid
+    from .grid import OPENBLAS_VARS, run_grid
     # The grid also runs without OpenBLAS settings of the environment (its process only).
     unset = OPENBLAS_VARS if ARGS.grid else ()
     if not pinned(ARGS.threads) or any(var in os.environ for var in unset):
         env = dict(os.environ, **{var: str(ARGS.threads) for var in THREAD_VARS})
         for var in unset:
             env.pop(var, None)
-        return subprocess.run([sys.executable, "-m", "mpibn.bench", *argv], env=env).returncode
+        return subprocess.run([sys.executable, "-m", "mpibn.cli.bench", *argv], env=env).returncode
     if ARGS.worker:
         worker(ARGS.worker)
         return 0

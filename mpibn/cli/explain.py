@@ -27,8 +27,8 @@ in docs/derivation.md.
 """
 import numpy as np
 
-from . import functional as F
-from .errors import N_DETAILS
+from .. import functional as F
+from ..errors import N_DETAILS
 
 HEADER = 4 + N_DETAILS      # as mpibn.comm.HEADER; imported without starting MPI
 
@@ -221,8 +221,8 @@ def reference(x, dy, gamma, beta, eps):
 
 def run(args):
     from mpi4py import MPI
-    from .comm import validate_process_groups
-    from .layer import SyncBatchNorm
+    from ..comm import validate_process_groups
+    from ..layer import SyncBatchNorm
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()

@@ -1,0 +1,1 @@
+"""``mpibn bench``: the benchmark (``run``) and its grid (``grid``)."""
