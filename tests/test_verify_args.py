@@ -1,7 +1,6 @@
 """mpibn verify's arguments: unknown names exit 2 naming them; comparing nothing never passes."""
 import os
 import shutil
-from types import SimpleNamespace
 
 import pytest
 from mpi4py import MPI
@@ -14,8 +13,7 @@ from mpibn.cli.main import main
 def dirs(tmp_path_factory):
     base = tmp_path_factory.mktemp("verify_args")
     golden = str(base / "golden")
-    args = SimpleNamespace(out=golden, scenarios="even,eval", dtype="float32", no_exact=False)
-    assert G.run(args, comm=MPI.COMM_SELF) == 0
+    G.write(golden, MPI.COMM_SELF, ["even", "eval"])
     results = str(base / "results")
     shutil.copytree(golden, results)
     os.remove(os.path.join(results, "manifest.json"))

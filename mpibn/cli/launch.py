@@ -1,10 +1,10 @@
 """Start a command under mpiexec when we are not already under one.
 
 ``python -m mpibn demo`` run by hand is a single process; the sub-commands
-that need several ranks relaunch themselves as
-``mpiexec -n N python -m mpi4py -m mpibn ...`` (``-m mpi4py`` so that an
-exception on one rank aborts every rank instead of leaving them waiting).
-This module does not import mpi4py: deciding must not initialise MPI.
+that need several ranks relaunch themselves, and the benchmark starts its
+workers, as ``mpiexec -n N python -m mpi4py -m MODULE ...`` (``-m mpi4py``
+so that an exception on one rank aborts every rank instead of leaving them
+waiting). This module does not import mpi4py: deciding must not initialise MPI.
 """
 import os
 import shutil
@@ -31,11 +31,17 @@ def find_mpiexec():
     return found
 
 
-def relaunch(nprocs, args, timeout=None):
-    """Run ``python -m mpi4py -m mpibn *args`` on ``nprocs`` ranks; return its exit code."""
-    cmd = [find_mpiexec(), "-n", str(nprocs), sys.executable, "-m", "mpi4py", "-m", "mpibn", *args]
+def run_under_mpiexec(nprocs, module, args, env=None, timeout=None, quiet=False):
+    """Run ``python -m mpi4py -m module *args`` on ``nprocs`` ranks; return its exit code.
+
+    ``env``: the ranks' environment (default ours); ``quiet``: their standard
+    output is dropped. Past ``timeout`` seconds the job is killed, said on
+    stderr, and the exit code is 124.
+    """
+    cmd = [find_mpiexec(), "-n", str(nprocs), sys.executable, "-m", "mpi4py", "-m", module, *args]
     try:
-        return subprocess.run(cmd, timeout=timeout).returncode
+        return subprocess.run(cmd, env=env, timeout=timeout,
+                              stdout=subprocess.DEVNULL if quiet else None).returncode
     except subprocess.TimeoutExpired:
         print(f"mpibn: {' '.join(cmd)} did not finish in {timeout} s", file=sys.stderr)
         return 124

@@ -1,10 +1,21 @@
-"""Command line: ``mpibn COMMAND --help`` (or ``python -m mpibn COMMAND --help``)."""
+"""Command line: ``mpibn COMMAND --help`` (or ``python -m mpibn COMMAND --help``).
+
+Parses, refuses what can be refused before MPI starts, relaunches the
+command under mpiexec when it needs ranks and was started by hand, and hands
+it over: ``demo`` and ``explain`` to their modules here, ``golden`` and
+``verify`` to the adapters below (over ``mpibn.golden.write`` and
+``mpibn.verify.verify``, which know nothing of argparse), and ``bench``,
+with every later argument, to ``mpibn.cli.bench``.
+"""
 import argparse
 import json
 import os
 import sys
 
-from .launch import relaunch, under_mpiexec
+from .launch import run_under_mpiexec, under_mpiexec
+
+# Seconds a relaunched command may run under mpiexec.
+TIMEOUTS = {"demo": 120, "explain": 120, "golden": 600}
 
 
 def prog():
@@ -22,6 +33,20 @@ def _parser():
         description="mpibn: reference SyncBatchNorm (MindSpore semantics) in NumPy over MPI.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    _add_demo(sub)
+    _add_explain(sub)
+    _add_golden(sub)
+    _add_verify(sub)
+    bench = sub.add_parser(
+        "bench", help="time mpibn next to torch CPU, naive NumPy and a memory copy",
+        description="Runs mpibn.cli.bench with the arguments that follow; see docs/performance.md. "
+                    "Everything after 'bench' goes to it: mpibn bench --help shows its options.",
+        add_help=False)
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _add_demo(sub):
     demo = sub.add_parser(
         "demo", help="synced statistics over N ranks equal those of the concatenated batch",
         description="Run one training step of SyncBatchNorm over N ranks with uneven shards "
@@ -33,18 +58,9 @@ def _parser():
     demo.add_argument("--channels", type=int, default=3, help="channels (default 3)")
     demo.add_argument("--offset", type=float, default=5.0, help="mean of the data (default 5)")
     demo.add_argument("--seed", type=int, default=0)
-    _add_explain(sub)
-    _add_golden_verify(sub)
-    bench = sub.add_parser(
-        "bench", help="time mpibn next to torch CPU, naive NumPy and a memory copy",
-        description="Runs mpibn.cli.bench with the arguments that follow; see docs/performance.md. "
-                    "Everything after 'bench' goes to it: mpibn bench --help shows its options.",
-        add_help=False)
-    bench.add_argument("args", nargs=argparse.REMAINDER)
-    return parser
 
 
-def _add_golden_verify(sub):
+def _add_golden(sub):
     golden = sub.add_parser(
         "golden", help="write reference inputs and outputs for other backends to match",
         description="Run every scenario (even/uneven/empty shards, groups, 2-D, float32 with "
@@ -59,6 +75,8 @@ def _add_golden_verify(sub):
     golden.add_argument("--no-exact", action="store_true",
                         help="use the default statistics instead of exact=True")
 
+
+def _add_verify(sub):
     verify = sub.add_parser(
         "verify", help="compare another backend's results with a golden directory",
         description="Compare RESULTS/<scenario>/rank<r>.npz (the golden layout, output keys) with "
@@ -145,37 +163,35 @@ def main(argv=None):
         from .bench.run import main as bench_main
         return bench_main(argv[1:], prog=f"{prog()} bench")
     args = _parser().parse_args(argv)
-    if args.command in ("demo", "explain", "golden"):
-        _resolve_np(args)
+    if args.command == "verify":            # no MPI, no ranks
+        return verify_command(args)
+    _resolve_np(args)
+    _check(args)
+    if not under_mpiexec() and args.np > 1:
+        return run_under_mpiexec(args.np, "mpibn", argv, timeout=TIMEOUTS[args.command])
     if args.command == "demo":
-        if args.batch < 2 or args.channels < 1:
-            _parser().error("--batch must be at least 2 and --channels at least 1")
-        if not under_mpiexec() and args.np > 1:
-            return relaunch(args.np, argv, timeout=120)
-        from . import demo as demo_module
-        return demo_module.run(args)
-    if args.command == "explain":
-        if not 1 <= args.channels <= 8 or not 1 <= args.digits <= 17:
-            _parser().error("--channels must be in 1..8 and --digits in 1..17")
-        from . import explain as explain_module
-        if not under_mpiexec():
-            groups = args.groups if args.groups is not None else explain_module.default_groups(args.np)
-            problem = explain_module.check_setup(
-                groups, explain_module.shard_sizes(args.np, args.shards), args.np)
-            if problem:
-                _parser().error(problem)
-        if not under_mpiexec() and args.np > 1:
-            return relaunch(args.np, argv, timeout=120)
-        return explain_module.run(args)
-    if args.command == "golden":
-        if not under_mpiexec() and args.np > 1:
-            return relaunch(args.np, argv, timeout=600)
-        from .. import golden as golden_module
-        return golden_module.run(args)
-    if args.command == "verify":
-        from .. import verify as verify_module
-        return verify_module.run(args)
-    return 2
+        from .demo import run
+    elif args.command == "explain":
+        from .explain import run
+    else:
+        run = golden_command
+    return run(args)
+
+
+def _check(args):
+    """Refuse impossible demo and explain settings before any mpiexec starts."""
+    if args.command == "demo" and (args.batch < 2 or args.channels < 1):
+        _parser().error("--batch must be at least 2 and --channels at least 1")
+    if args.command != "explain":
+        return
+    if not 1 <= args.channels <= 8 or not 1 <= args.digits <= 17:
+        _parser().error("--channels must be in 1..8 and --digits in 1..17")
+    if not under_mpiexec():                 # under mpiexec every rank checks (explain.run)
+        from . import explain
+        groups = args.groups if args.groups is not None else explain.default_groups(args.np)
+        problem = explain.check_setup(groups, explain.shard_sizes(args.np, args.shards), args.np)
+        if problem:
+            _parser().error(problem)
 
 
 def _resolve_np(args):
@@ -196,5 +212,63 @@ def _resolve_np(args):
     args.np = size
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+
+def golden_command(args, comm=None):
+    """``mpibn golden`` on every rank: ``mpibn.golden.write``; rank 0 says what happened.
+
+    ``comm`` defaults to MPI.COMM_WORLD. Exit status 2 for unknown scenario names.
+    """
+    from .. import golden
+    if comm is None:
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD
+    names = args.scenarios.split(",") if args.scenarios else None
+    try:
+        golden.select(comm.Get_size(), names, args.dtype, exact=not args.no_exact)
+    except ValueError as exc:               # every rank refuses, before any collective
+        if comm.Get_rank() == 0:           # flushed: a rank exiting 2 makes mpi4py abort the job
+            print(f"mpibn golden: {exc}", flush=True)
+        return 2
+    chosen = golden.write(args.out, comm, names, args.dtype, exact=not args.no_exact)
+    if comm.Get_rank() == 0:
+        print(f"mpibn golden: {len(chosen)} scenarios x {comm.Get_size()} ranks written to {args.out}")
+    return 0
+
+
+def verify_command(args):
+    """``mpibn verify`` (no MPI needed): print the table, return the exit status."""
+    from ..verify import VerifyError, format_table, verify
+    try:
+        rows, ok = verify(args.golden, args.results,
+                          scenarios=args.scenarios.split(",") if args.scenarios is not None else None,
+                          quantities=_quantities(args.golden, args.quantities),
+                          rtol=args.rtol, atol=args.atol, max_ulps=args.max_ulps,
+                          skip_missing=args.skip_missing)
+    except VerifyError as exc:
+        print(f"mpibn verify: {exc}")
+        return 2
+    print(format_table(rows, markdown=args.markdown))
+    failed = sum(r[-1] == "FAIL" for r in rows)
+    compared = sum(r[-1] in ("pass", "FAIL") for r in rows)
+    if compared == 0:
+        # Nothing checked is no evidence of agreement: never report success.
+        print("\nmpibn verify: nothing was compared (no selected quantity in the selected "
+              "scenarios, or all of them missing); that is not a pass")
+        return 1
+    print(f"\n{len(rows) - failed} of {len(rows)} quantities pass" + ("" if ok else f"; {failed} FAIL"))
+    return 0 if ok else 1
+
+
+def _quantities(golden, text):
+    """--quantities as a list (None: all); VerifyError naming the ones no scenario has."""
+    from ..verify import VerifyError, load_manifest
+    if text is None:
+        return None
+    names = text.split(",")
+    manifest = load_manifest(golden)
+    known = sorted({q for entry in manifest["scenarios"].values() for q in entry["outputs"]})
+    unknown = [q for q in names if q not in known]
+    if unknown:
+        raise VerifyError(f"--quantities: no quantity(ies) {unknown} in "
+                          f"{os.path.join(golden, 'manifest.json')}; it has {known}")
+    return names
