@@ -35,24 +35,20 @@ of the issue are checked and printed; a progress line goes to stderr.
 import json
 import math
 import os
-import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
 
 from mpibn import blocks
 
-from . import run as B
+from . import SAMPLE_S, best_of, data, default_out, layer, load_torch, progress, worker_json
 
 SHAPES = ([(n, c) for n in (2, 16, 256) for c in (8, 256, 1024)]
           + [(2, 4, 3, 3), (8, 64, 8, 8), (16, 64, 28, 28), (32, 64, 56, 56), (4, 512, 7, 7)])
 DTYPES = ("float16", "float32", "float64")
 SMOKE_SHAPES = [(2, 3), (2, 2, 3, 3)]
 TINY = ((2, 4, 3, 3), "float32")
-# A batch of calls per timed sample lasts at least this long.
-SAMPLE_S = 2e-3
 # Bars of issue 13, on float32 and float64 cells.
 GEOMEAN_BAR, CELL_BAR, TINY_BAR_S = 1.5, 2.5, 100e-6
 # MPICH settings for ranks that wait in a collective (MPICH 4-5 names; others ignore them).
@@ -69,32 +65,6 @@ CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 # OpenBLAS settings a shared machine may set for every program; the grid
 # runs without them (in its own process only) and records the kernel in use.
 OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
-
-
-def best_of(candidates, rounds, barrier=None, agree=None, clock=time.perf_counter, sample=SAMPLE_S):
-    """{name: best seconds per call}: rounds of interleaved batches of calls.
-
-    Under MPI, ``agree`` makes every rank use rank 0's batch sizes (a
-    collective must be called the same number of times on every rank)."""
-    inner = {}
-    for name, fn in candidates.items():
-        fn()                                           # warm-up: caches, plans, buffers
-        t0 = clock()
-        fn()
-        inner[name] = max(1, int(sample / max(clock() - t0, 1e-6)))
-    if agree:
-        inner = agree(inner)
-    best = {name: math.inf for name in candidates}
-    for _ in range(rounds):
-        for name, fn in candidates.items():
-            n = inner[name]
-            if barrier:
-                barrier()
-            t0 = clock()
-            for _ in range(n):
-                fn()
-            best[name] = min(best[name], (clock() - t0) / n)
-    return best
 
 
 def torch_step(torch, functional, x, dy, gamma, beta):
@@ -126,8 +96,8 @@ def conversion_floor(x, dy):
 
 
 def cell(shape, dtype, torch, functional, rounds, clock, sample=SAMPLE_S):
-    x, dy = B.data(shape, dtype)
-    bn = B.layer(shape[1], dtype)
+    x, dy = data(shape, dtype)
+    bn = layer(shape[1], dtype)
     gamma, beta = bn.gamma.data.copy(), bn.beta.data.copy()
     cands = {"mpibn": lambda: (bn(x), bn.backward(dy))}
     note = None
@@ -216,8 +186,8 @@ def mpi_worker(path, rounds):
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
     shape, dtype = TINY
-    x, dy = B.data(shape, dtype, seed=comm.Get_rank())
-    synced, alone = B.layer(shape[1], dtype, comm=comm), B.layer(shape[1], dtype)
+    x, dy = data(shape, dtype, seed=comm.Get_rank())
+    synced, alone = layer(shape[1], dtype, comm=comm), layer(shape[1], dtype)
     buf = np.zeros(synced.group_comm._flat.size)       # the layer's exchange buffer
     one = np.zeros(1)
     t = best_of({"synced": lambda: (synced(x), synced.backward(dy)),
@@ -235,26 +205,18 @@ def mpi_worker(path, rounds):
 
 
 def mpi_run(nprocs, setting, rounds):
-    fd, path = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
+    """mpi_worker's numbers from ``mpiexec -n nprocs`` with one MPICH setting (None if it failed)."""
     env = dict(os.environ, **MPI_SETTINGS[setting])
-    cmd = [B.find_mpiexec(), "-n", str(nprocs), sys.executable, "-m", "mpi4py", "-m", "mpibn.cli.bench.grid",
-           "--mpi-worker", path, str(rounds)]
-    try:
-        rc = subprocess.run(cmd, env=env, timeout=600, stdout=subprocess.DEVNULL).returncode
-        with open(path) as f:
-            return dict(json.load(f), setting=setting, env=MPI_SETTINGS[setting]) if rc == 0 else None
-    except (subprocess.TimeoutExpired, ValueError):
-        return None
-    finally:
-        os.unlink(path)
+    found = worker_json(nprocs, "mpibn.cli.bench.grid", "--mpi-worker", [str(rounds)], env=env,
+                        timeout=600, quiet=True)
+    return None if found is None else dict(found, setting=setting, env=MPI_SETTINGS[setting])
 
 
 def mpi_part(counts, rounds):
     runs = []
     plan = [(1, "default")] + [(n, s) for n in counts if n > 1 for s in MPI_SETTINGS]
     for i, (nprocs, setting) in enumerate(plan):
-        B.progress(f"[mpi {i + 1}/{len(plan)}] tiny layer under mpiexec -n {nprocs}, {setting} ...")
+        progress(f"[mpi {i + 1}/{len(plan)}] tiny layer under mpiexec -n {nprocs}, {setting} ...")
         run = mpi_run(nprocs, setting, rounds)
         if run:
             runs.append(run)
@@ -289,8 +251,7 @@ def report_lines(cells, runs, checks):
 
 def run_grid(args, argv):
     """``mpibn bench --grid`` (called by ``mpibn.cli.bench.run.main`` with its parsed arguments)."""
-    B.ARGS = args              # bench may run as __main__, a module apart from mpibn.bench
-    torch, functional = B.load_torch()
+    torch, functional = (None, None) if args.smoke else load_torch(args.threads)
     load = os.getloadavg()
     shapes, dtypes = (SMOKE_SHAPES, ("float32", "float16")) if args.smoke else (SHAPES, DTYPES)
     todo = [(s, d) for s in shapes for d in dtypes]
@@ -300,9 +261,9 @@ def run_grid(args, argv):
                  SAMPLE_S / 10 if args.smoke else SAMPLE_S)
         cells.append(c)
         ratio = f" ({c['ratio']:.2f}x torch)" if c["ratio"] else ""
-        B.progress(f"[{i + 1}/{len(todo)}] {shape} {dtype}: mpibn {c['mpibn_s'] * 1e6:.0f} us{ratio}")
+        progress(f"[{i + 1}/{len(todo)}] {shape} {dtype}: mpibn {c['mpibn_s'] * 1e6:.0f} us{ratio}")
     runs = mpi_part(args.np, args.repeats) if args.np else []
-    B.progress("")
+    progress("")
     checks = verdicts(cells)
     for line in report_lines(cells, runs, checks):
         print(line)
@@ -316,7 +277,7 @@ def run_grid(args, argv):
               "cells": cells, "mpi_tiny_layer": runs,
               "bars": [{"what": w, "value": v, "limit": lim, "unit": u, "holds": v <= lim}
                        for w, v, lim, u in checks]}
-    out = args.out or B.default_out()
+    out = args.out or default_out(args.smoke)
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "performance-grid.json")
     with open(path, "w") as f:

@@ -36,26 +36,23 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
-import tracemalloc
 
 import numpy as np
 
 from mpibn import blocks
-from mpibn.cli.launch import find_mpiexec
+
+from . import (THREAD_VARS, data, default_out, interleaved, layer, load_torch, peak_temp, pinned,
+               progress, worker_json)
 
 SHAPES = [((32, 64, 56, 56), "float32"), ((256, 1024), "float32"),
           ((8, 256, 28, 28), "float64"), ((16, 64, 28, 28), "float16")]
 SMOKE_SHAPES = [((4, 3, 5, 5), "float32"), ((6, 4), "float16")]
 MPI_SHAPES = [((32, 64, 56, 56), "float32"), ((256, 1024), "float32")]
+# MPICH's waiting ranks poll without yielding: on a machine with more
+# ranks (or other busy programs) than cores, a waiting rank would hold a
+# core that a rank still computing needs. Ask it to yield (MPICH only).
 YIELD_ENV = {"MPIR_CVAR_ENABLE_HEAVY_YIELD": "1"}
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-# The source checkout this module runs from, if any (pip install -e .).
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-ARGS = None
-torch = None
-TF = None
 
 
 def parse(argv, prog="mpibn bench"):
@@ -87,24 +84,6 @@ def parse(argv, prog="mpibn bench"):
     return args
 
 
-def load_torch():
-    """torch and torch.nn.functional, with --threads threads; (None, None) without torch."""
-    if ARGS.smoke:
-        return None, None
-    try:
-        import torch as torch_module
-        import torch.nn.functional as functional
-    except ImportError:
-        return None, None
-    torch_module.set_num_threads(ARGS.threads)
-    return torch_module, functional
-
-
-def progress(text):
-    sys.stderr.write(f"\r\033[K{text}")
-    sys.stderr.flush()
-
-
 # -- the straightforward NumPy version: the baseline a student would write ----------
 
 def naive_forward(x, gamma, beta, eps=1e-5):
@@ -126,57 +105,14 @@ def naive_backward(dy, cache):
     return dx, dgamma.ravel(), dbeta.ravel()
 
 
-# -- timing -------------------------------------------------------------------------
-
-def interleaved(candidates, repeats, warmup, barrier=None):
-    """{name: median seconds}: each repeat runs every candidate once, in turn."""
-    times = {name: [] for name in candidates}
-    for i in range(warmup + repeats):
-        for name, fn in candidates.items():
-            if barrier:
-                barrier()
-            t0 = time.perf_counter()
-            fn()
-            if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return {name: float(np.median(t)) for name, t in times.items()}
-
-
-def peak_temp(fn, keep_bytes):
-    """Peak bytes allocated while fn runs, less keep_bytes (its result)."""
-    tracemalloc.start()
-    tracemalloc.reset_peak()
-    base = tracemalloc.get_traced_memory()[0]
-    out = fn()
-    peak = tracemalloc.get_traced_memory()[1] - base
-    tracemalloc.stop()
-    del out
-    return max(0, peak - keep_bytes)
-
-
-def data(shape, dtype, seed=0):
-    rng = np.random.default_rng(seed)
-    x = (3.0 + 2.0 * rng.standard_normal(shape)).astype(dtype)
-    dy = rng.standard_normal(shape).astype(dtype)
-    return x, dy
-
-
 def has_exact():
     import inspect
     from mpibn.layer import SyncBatchNorm
     return "exact" in inspect.signature(SyncBatchNorm).parameters
 
 
-def layer(channels, dtype, comm=None, **kw):
-    from mpi4py import MPI
-    from mpibn.layer import SyncBatchNorm
-    bn = SyncBatchNorm(channels, dtype=dtype, comm=comm or MPI.COMM_SELF, **kw).set_train(True)
-    bn.gamma.data[...] = np.linspace(0.5, 1.5, channels)
-    bn.beta.data[...] = np.linspace(-0.2, 0.2, channels)
-    return bn
-
-
-def bench_shape(shape, dtype, label):
+def bench_shape(shape, dtype, label, args, torch_pair):
+    """One shape's times (mpibn, torch, naive, copy) and peak temporary memory."""
     x, dy = data(shape, dtype)
     channels = shape[1]
     bn = layer(channels, dtype)
@@ -196,6 +132,7 @@ def bench_shape(shape, dtype, label):
     cands = {"mpibn": step,
              "copy": lambda: np.copyto(out, x),
              "naive": lambda: naive_backward(dy, naive_forward(x, gamma, beta)[1])}
+    torch, TF = torch_pair
     if torch is not None:
         try:
             xt = torch.from_numpy(x).requires_grad_()
@@ -206,15 +143,15 @@ def bench_shape(shape, dtype, label):
         except RuntimeError as e:          # e.g. no float16 batch norm on this CPU build
             print(f"\n  torch skipped for {label}: {str(e).splitlines()[0]}", file=sys.stderr)
     progress(f"{label}: timing {', '.join(cands)} ...")
-    t = interleaved(cands, ARGS.repeats, ARGS.warmup)
+    t = interleaved(cands, args.repeats, args.warmup)
     if has_exact():     # slow (exact sums): a few repeats of its own, not interleaved
         progress(f"{label}: timing exact=True ...")
         ex = layer(channels, dtype, exact=True)
         t["mpibn_exact"] = interleaved({"exact": lambda: (ex(x), ex.backward(dy))},
-                                       min(3, ARGS.repeats), 1)["exact"]
+                                       min(3, args.repeats), 1)["exact"]
         ex.close()
     # forward and backward apart, from the same interleaved runs (warm-up dropped)
-    t["mpibn_fwd"], t["mpibn_bwd"] = (float(np.median(split[k][ARGS.warmup:])) for k in ("fwd", "bwd"))
+    t["mpibn_fwd"], t["mpibn_bwd"] = (float(np.median(split[k][args.warmup:])) for k in ("fwd", "bwd"))
     progress(f"{label}: peak temporary memory ...")
     mem = {"mpibn_fwd": peak_temp(lambda: bn(x), x.nbytes) / x.nbytes}
     mem["mpibn_bwd"] = peak_temp(lambda: bn.backward(dy), x.nbytes) / x.nbytes
@@ -227,7 +164,8 @@ def bench_shape(shape, dtype, label):
 
 # -- under mpiexec: weak scaling ------------------------------------------------------
 
-def worker(path):
+def worker(path, args):
+    """Under mpiexec: every rank times its 1/P of each MPI shape; rank 0 writes the rows to path."""
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -239,7 +177,7 @@ def worker(path):
         before = synced.group_comm.allreduce_calls
         t = interleaved({"synced": lambda: (synced(x), synced.backward(dy)),
                          "alone": lambda: (alone(x), alone.backward(dy))},
-                        ARGS.repeats, ARGS.warmup, barrier=comm.Barrier)
+                        args.repeats, args.warmup, barrier=comm.Barrier)
         calls = synced.group_comm.allreduce_calls - before
         per_rank = comm.gather(t, root=0)
         if rank == 0:
@@ -247,7 +185,7 @@ def worker(path):
                             "oversubscribed": size > os.cpu_count(),
                             "synced_s": max(r["synced"] for r in per_rank),
                             "alone_s": max(r["alone"] for r in per_rank),
-                            "allreduce_per_step": calls / (ARGS.warmup + ARGS.repeats)})
+                            "allreduce_per_step": calls / (args.warmup + args.repeats)})
         synced.close()
         alone.close()
     if rank == 0:
@@ -255,23 +193,14 @@ def worker(path):
             json.dump(results, f)
 
 
-def relaunch(nprocs):
-    fd, path = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    cmd = [find_mpiexec(), "-n", str(nprocs), sys.executable, "-m", "mpi4py", "-m", "mpibn.cli.bench",
-           "--worker", path, "--repeats", str(ARGS.repeats), "--warmup", str(ARGS.warmup),
-           "--threads", str(ARGS.threads)]
+def weak_scaling(nprocs, args):
+    """worker's rows from ``mpiexec -n nprocs`` (none if the job failed)."""
     progress(f"mpiexec -n {nprocs}: weak scaling ...")
-    # MPICH's waiting ranks poll without yielding: on a machine with more
-    # ranks (or other busy programs) than cores, a waiting rank would hold a
-    # core that a rank still computing needs. Ask it to yield (MPICH only).
-    env = dict(os.environ, **YIELD_ENV)
-    try:
-        rc = subprocess.run(cmd, timeout=900, env=env).returncode
-        with open(path) as f:
-            return json.load(f) if rc == 0 else []
-    finally:
-        os.unlink(path)
+    rows = worker_json(nprocs, "mpibn.cli.bench", "--worker",
+                       ["--repeats", str(args.repeats), "--warmup", str(args.warmup),
+                        "--threads", str(args.threads)],
+                       env=dict(os.environ, **YIELD_ENV), timeout=900)
+    return rows if rows is not None else []
 
 
 # -- report -----------------------------------------------------------------------------
@@ -325,7 +254,7 @@ def bars(results, scaling):
     return out
 
 
-def plot(results, scaling, path):
+def plot(results, scaling, path, args):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -344,7 +273,7 @@ def plot(results, scaling, path):
     ax.set_xticklabels([f"{tuple(r['shape'])}\n{r['dtype']}" for r in results], fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("forward + backward, ms (log)")
-    ax.set_title(f"single process, {ARGS.threads} thread(s), median of {ARGS.repeats}")
+    ax.set_title(f"single process, {args.threads} thread(s), median of {args.repeats}")
     ax.legend(fontsize=8)
     if scaling:
         ax = axes[0][1]
@@ -367,53 +296,42 @@ def plot(results, scaling, path):
     return path
 
 
-def default_out():
-    if ARGS.smoke:
-        return tempfile.mkdtemp(prefix="mpibn-bench-smoke-")
-    docs = os.path.join(ROOT, "docs")
-    if os.path.isfile(os.path.join(ROOT, "setup.cfg")) and os.path.isdir(docs):
-        return docs
-    return os.getcwd()
-
-
-def pinned(threads):
-    """Thread counts must be fixed before NumPy, BLAS or torch start their pools,
-    that is before this process imported NumPy: a fresh process gets them."""
-    return all(os.environ.get(var) == str(threads) for var in THREAD_VARS)
-
-
 def main(argv=None, prog="mpibn bench"):
-    global ARGS, torch, TF
     argv = sys.argv[1:] if argv is None else list(argv)
-    ARGS = parse(argv, prog)
+    args = parse(argv, prog)
     from .grid import OPENBLAS_VARS, run_grid
     # The grid also runs without OpenBLAS settings of the environment (its process only).
-    unset = OPENBLAS_VARS if ARGS.grid else ()
-    if not pinned(ARGS.threads) or any(var in os.environ for var in unset):
-        env = dict(os.environ, **{var: str(ARGS.threads) for var in THREAD_VARS})
+    unset = OPENBLAS_VARS if args.grid else ()
+    if not pinned(args.threads) or any(var in os.environ for var in unset):
+        env = dict(os.environ, **{var: str(args.threads) for var in THREAD_VARS})
         for var in unset:
             env.pop(var, None)
         return subprocess.run([sys.executable, "-m", "mpibn.cli.bench", *argv], env=env).returncode
-    if ARGS.worker:
-        worker(ARGS.worker)
+    if args.worker:
+        worker(args.worker, args)
         return 0
-    if ARGS.grid:
-        return run_grid(ARGS, argv)
-    torch, TF = load_torch()
+    if args.grid:
+        return run_grid(args, argv)
+    return run_table(args, argv)
+
+
+def run_table(args, argv):
+    """``mpibn bench``: every shape in this process, then weak scaling under mpiexec."""
+    torch_pair = (None, None) if args.smoke else load_torch(args.threads)
     load = os.getloadavg()
     results = []
-    shapes = SMOKE_SHAPES if ARGS.smoke else SHAPES
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
     for i, (shape, dtype) in enumerate(shapes):
         label = f"[{i + 1}/{len(shapes)}] {shape} {dtype}"
-        results.append(bench_shape(shape, dtype, label))
+        results.append(bench_shape(shape, dtype, label, args, torch_pair))
     scaling = []
-    for nprocs in ARGS.np:
-        scaling += relaunch(nprocs)
+    for nprocs in args.np:
+        scaling += weak_scaling(nprocs, args)
     progress("")
     report = {"command": " ".join(["mpibn", "bench"] + argv),
-              "threads": ARGS.threads, "repeats": ARGS.repeats, "warmup": ARGS.warmup,
+              "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup,
               "cpus": os.cpu_count(), "loadavg_before": load, "loadavg_after": os.getloadavg(),
-              "numpy": np.__version__, "torch": getattr(torch, "__version__", None),
+              "numpy": np.__version__, "torch": getattr(torch_pair[0], "__version__", None),
               "block": blocks.BLOCK, "mpi_env": YIELD_ENV,
               "results": results, "weak_scaling": scaling}
     text = table(results, scaling)
@@ -423,14 +341,10 @@ def main(argv=None, prog="mpibn bench"):
     for b in report["bars"]:
         print(f"  {b['what']:48s} {b['value']:6.2f}  (at most {b['limit']}: {'holds' if b['holds'] else 'MISSED'})")
     print(f"load average before {load[0]:.2f}, after {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
-    out = ARGS.out or default_out()
+    out = args.out or default_out(args.smoke)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "performance.json"), "w") as f:
         json.dump(report, f, indent=1)
-    png = plot(results, scaling, os.path.join(out, "performance.png"))
+    png = plot(results, scaling, os.path.join(out, "performance.png"), args)
     print(f"wrote {os.path.join(out, 'performance.json')}" + (f" and {png}" if png else ""))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
