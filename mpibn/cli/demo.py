@@ -3,9 +3,11 @@
 Every rank draws the same global batch (seeded), keeps an uneven slice of
 it (the last rank may get none), runs one training forward and backward of
 ``SyncBatchNorm`` over all ranks, and compares with a plain float64 batch
-norm of the whole batch computed here, independently of mpibn's code.
+norm of the whole batch (``mpibn.cli.textbook``), independent of mpibn's code.
 """
 import numpy as np
+
+from . import textbook
 
 
 def shard_bounds(total, size, rank):
@@ -13,21 +15,6 @@ def shard_bounds(total, size, rank):
     weights = np.arange(size, dtype=float)[::-1] + (size == 1)
     cuts = np.concatenate([[0], np.floor(np.cumsum(weights) / weights.sum() * total)]).astype(int)
     return cuts[rank], cuts[rank + 1]
-
-
-def reference(x, dy, gamma, beta, eps):
-    """Plain batch norm of the whole batch in float64 (the textbook formulas)."""
-    axes = (0, 2, 3)
-    mean = x.mean(axis=axes, keepdims=True)
-    var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
-    xhat = (x - mean) / np.sqrt(var + eps)
-    g = gamma[None, :, None, None]
-    y = g * xhat + beta[None, :, None, None]
-    m = x.shape[0] * x.shape[2] * x.shape[3]
-    dxhat = dy * g
-    dx = (dxhat - dxhat.mean(axis=axes, keepdims=True)
-          - xhat * (dxhat * xhat).sum(axis=axes, keepdims=True) / m) / np.sqrt(var + eps)
-    return y, dx, mean.ravel(), var.ravel()
 
 
 def run(args):
@@ -46,7 +33,7 @@ def run(args):
     bn = SyncBatchNorm(args.channels, gamma_init=gamma, beta_init=beta, dtype=np.float64).set_train()
     y = bn(x[lo:hi])
     dx = bn.backward(dy[lo:hi])
-    y_ref, dx_ref, mean_ref, var_ref = reference(x, dy, gamma, beta, bn.eps)
+    y_ref, dx_ref, mean_ref, var_ref, _ = textbook.batch_norm(x, dy, gamma, beta, bn.eps)
 
     err_y = float(np.abs(y - y_ref[lo:hi]).max(initial=0.0))
     err_dx = float(np.abs(dx - dx_ref[lo:hi]).max(initial=0.0))

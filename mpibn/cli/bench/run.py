@@ -16,7 +16,7 @@ them alike), after warm-up, the median of ``--repeats`` runs of:
   installed, with ``--threads`` threads (default 1, as NumPy's element-wise
   work: the like-for-like comparison);
 * naive: a straightforward NumPy batch norm as a student would write it
-  (in the input dtype, xhat kept for backward; ``naive_forward`` below);
+  (``mpibn.cli.textbook`` in the input dtype, every intermediate kept);
 * copy: ``np.copyto`` of the input into a preallocated array;
 
 and the peak temporary memory of one forward and one backward (tracemalloc,
@@ -42,6 +42,7 @@ import numpy as np
 
 from mpibn import blocks
 
+from .. import textbook
 from . import (THREAD_VARS, data, default_out, interleaved, layer, load_torch, peak_temp, pinned,
                progress, worker_json)
 
@@ -84,27 +85,6 @@ def parse(argv, prog="mpibn bench"):
     return args
 
 
-# -- the straightforward NumPy version: the baseline a student would write ----------
-
-def naive_forward(x, gamma, beta, eps=1e-5):
-    axes = (0,) + tuple(range(2, x.ndim))
-    shape = (1, -1) + (1,) * (x.ndim - 2)
-    mean = x.mean(axis=axes, keepdims=True)
-    var = x.var(axis=axes, keepdims=True)
-    xhat = (x - mean) / np.sqrt(var + eps)
-    return gamma.reshape(shape) * xhat + beta.reshape(shape), (xhat, var, gamma.reshape(shape), eps)
-
-
-def naive_backward(dy, cache):
-    xhat, var, gamma, eps = cache
-    axes = (0,) + tuple(range(2, dy.ndim))
-    n = dy.size // dy.shape[1]
-    dbeta = dy.sum(axis=axes, keepdims=True)
-    dgamma = (dy * xhat).sum(axis=axes, keepdims=True)
-    dx = gamma / np.sqrt(var + eps) * (dy - dbeta / n - xhat * dgamma / n)
-    return dx, dgamma.ravel(), dbeta.ravel()
-
-
 def has_exact():
     import inspect
     from mpibn.layer import SyncBatchNorm
@@ -131,7 +111,7 @@ def bench_shape(shape, dtype, label, args, torch_pair):
 
     cands = {"mpibn": step,
              "copy": lambda: np.copyto(out, x),
-             "naive": lambda: naive_backward(dy, naive_forward(x, gamma, beta)[1])}
+             "naive": lambda: textbook.backward(dy, textbook.forward(x, gamma, beta)[1])}
     torch, TF = torch_pair
     if torch is not None:
         try:
@@ -155,9 +135,9 @@ def bench_shape(shape, dtype, label, args, torch_pair):
     progress(f"{label}: peak temporary memory ...")
     mem = {"mpibn_fwd": peak_temp(lambda: bn(x), x.nbytes) / x.nbytes}
     mem["mpibn_bwd"] = peak_temp(lambda: bn.backward(dy), x.nbytes) / x.nbytes
-    cache = naive_forward(x, gamma, beta)[1]
-    mem["naive_fwd"] = peak_temp(lambda: naive_forward(x, gamma, beta), x.nbytes) / x.nbytes
-    mem["naive_bwd"] = peak_temp(lambda: naive_backward(dy, cache), x.nbytes) / x.nbytes
+    saved = textbook.forward(x, gamma, beta)[1]
+    mem["naive_fwd"] = peak_temp(lambda: textbook.forward(x, gamma, beta), x.nbytes) / x.nbytes
+    mem["naive_bwd"] = peak_temp(lambda: textbook.backward(dy, saved), x.nbytes) / x.nbytes
     bn.close()
     return {"shape": list(shape), "dtype": dtype, "times_s": t, "peak_temp_x_input": mem}
 
