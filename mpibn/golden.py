@@ -216,31 +216,36 @@ def manifest(size, chosen, dtype, exact):
     }
 
 
-def run(args, comm=None):
-    """Entry point under mpiexec: every rank writes its files, rank 0 the manifest.
+def select(size, names=None, dtype="float32", exact=True):
+    """The scenarios called ``names`` (all when None) for ``size`` ranks, in that order.
 
-    ``args``: out, scenarios (comma-separated or None), dtype, no_exact.
-    ``comm`` defaults to MPI.COMM_WORLD (collective over it).
+    ValueError naming the unknown ones (no MPI: the same answer on every rank).
+    """
+    table = scenarios(size, dtype, exact=exact)
+    names = list(table) if names is None else list(names)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise ValueError(f"unknown scenario(s) {unknown}; known: {', '.join(table)}")
+    return {n: table[n] for n in names}
+
+
+def write(out, comm=None, names=None, dtype="float32", exact=True):
+    """Write the golden directory ``out``: every rank its files, rank 0 the manifest.
+
+    Collective over ``comm`` (default MPI.COMM_WORLD); ``names`` as in
+    ``select`` (ValueError before any collective). Returns the scenarios written.
     """
     if comm is None:
         from mpi4py import MPI
         comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
-    table = scenarios(size, args.dtype, exact=not args.no_exact)
-    names = args.scenarios.split(",") if args.scenarios else list(table)
-    unknown = [n for n in names if n not in table]
-    if unknown:
-        if rank == 0:
-            print(f"mpibn golden: unknown scenario(s) {unknown}; known: {', '.join(table)}")
-        return 2
-    chosen = {n: table[n] for n in names}
+    chosen = select(size, names, dtype, exact)
     for name, s in chosen.items():
         data = run_scenario(comm, s)
-        os.makedirs(os.path.join(args.out, name), exist_ok=True)
-        np.savez(os.path.join(args.out, name, f"rank{rank}.npz"), **data)
+        os.makedirs(os.path.join(out, name), exist_ok=True)
+        np.savez(os.path.join(out, name, f"rank{rank}.npz"), **data)
     comm.Barrier()
     if rank == 0:
-        with open(os.path.join(args.out, "manifest.json"), "w") as f:
-            json.dump(manifest(size, chosen, args.dtype, not args.no_exact), f, indent=2)
-        print(f"mpibn golden: {len(chosen)} scenarios x {size} ranks written to {args.out}")
-    return 0
+        with open(os.path.join(out, "manifest.json"), "w") as f:
+            json.dump(manifest(size, chosen, dtype, exact), f, indent=2)
+    return chosen

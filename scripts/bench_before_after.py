@@ -8,7 +8,7 @@ Needs a git checkout. The old ``mpibn`` package is extracted with ``git
 archive`` into a temporary directory and imported under another name
 (``mpibn_before``; its imports are relative), so both run in one process,
 interleaved with torch (when installed), one thread each, on the process's
-CPU clock, best of ``--repeats`` rounds (``mpibn.bench_grid.best_of``).
+CPU clock, best of ``--repeats`` rounds (``mpibn.cli.bench.best_of``).
 Shapes: those of issue 13's table.
 """
 import argparse
@@ -50,8 +50,8 @@ def main():
     from mpi4py import MPI
 
     import mpibn
-    from mpibn.bench import data
-    from mpibn.bench_grid import best_of, torch_step
+    from mpibn.cli.bench import best_of, data
+    from mpibn.cli.bench.grid import torch_step
     try:
         import torch
         import torch.nn.functional as functional

@@ -314,7 +314,7 @@ def main(argv=None):
                      f"(in proportion {args.np}:...:1) need at least 2 samples each")
 
     sys.path.insert(0, ROOT)
-    from mpibn.launch import find_mpiexec, under_mpiexec
+    from mpibn.cli.launch import find_mpiexec, under_mpiexec
     if not under_mpiexec() and args.np > 1:
         import subprocess
         cmd = [find_mpiexec(), "-n", str(args.np), sys.executable, "-m", "mpi4py",

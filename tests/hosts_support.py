@@ -16,7 +16,7 @@ import time
 import pytest
 from mpi4py import MPI
 
-from mpibn.launch import _RANK_VARIABLES
+from mpibn.cli.launch import _RANK_VARIABLES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOSTS = os.path.join(ROOT, "scripts", "hosts.py")

@@ -7,7 +7,6 @@ import importlib.util
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 from mpi4py import MPI
@@ -27,9 +26,7 @@ def have(*modules):
 @pytest.fixture(scope="module")
 def golden_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("golden"))
-    args = SimpleNamespace(out=out, scenarios="even,two_d,float32_offset,eval,momentum", dtype="float32",
-                           no_exact=False)
-    assert G.run(args, comm=MPI.COMM_SELF) == 0
+    G.write(out, MPI.COMM_SELF, ["even", "two_d", "float32_offset", "eval", "momentum"])
     return out
 
 

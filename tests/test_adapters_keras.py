@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -120,8 +119,7 @@ def test_tf_keras_empty_replica_keeps_its_moving_statistics(golden_dir, tmp_path
 def test_keras_adapter_says_what_to_install_without_tensorflow(tmp_path):
     # A one-rank golden set written in-process (no mpiexec): the adapter must stop at the import.
     golden = str(tmp_path / "golden")
-    args = SimpleNamespace(out=golden, scenarios="uneven", dtype="float32", no_exact=False)
-    assert G.run(args, comm=MPI.COMM_SELF) == 0
+    G.write(golden, MPI.COMM_SELF, ["uneven"])
     run = run_without("tensorflow", [sys.executable, ADAPTER, golden, str(tmp_path / "o"), "--keras", "3"],
                       tmp_path)
     assert run.returncode != 0 and "pip install 'mpibn[keras]'" in run.stderr, run.stdout + run.stderr

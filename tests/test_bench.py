@@ -85,7 +85,7 @@ def test_bench_grid_smoke_writes_cells_and_heat_map(tmp_path):
 
 
 def test_bench_grid_verdicts_apply_the_bars():
-    from mpibn.bench_grid import verdicts
+    from mpibn.cli.bench.grid import verdicts
 
     def c(shape, dtype, ratio, seconds=1e-3):
         return {"shape": list(shape), "dtype": dtype, "ratio": ratio, "mpibn_s": seconds}

@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -27,8 +26,7 @@ import report  # noqa: E402
 @pytest.fixture(scope="module")
 def golden_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("golden"))
-    assert G.run(SimpleNamespace(out=out, scenarios="even,eval,constant_channel", dtype="float32",
-                                 no_exact=False), comm=MPI.COMM_SELF) == 0
+    G.write(out, MPI.COMM_SELF, ["even", "eval", "constant_channel"])
     return out
 
 

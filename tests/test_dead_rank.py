@@ -2,7 +2,7 @@
 
 Each test launches its own ``mpiexec -n 4 python -m mpi4py
 scripts/fault_job.py`` in a subprocess (the mpiexec next to this Python,
-``mpibn.launch.find_mpiexec``), so it runs in the serial pytest run and is
+``mpibn.cli.launch.find_mpiexec``), so it runs in the serial pytest run and is
 skipped when pytest itself runs under mpiexec. The failing rank writes the
 time of its fault to a stamp file; the job must then end, with a non-zero
 exit status, within DEADLINE seconds of the fault. A job still alive then
@@ -17,7 +17,7 @@ import time
 import pytest
 from mpi4py import MPI
 
-from mpibn.launch import _RANK_VARIABLES, find_mpiexec
+from mpibn.cli.launch import _RANK_VARIABLES, find_mpiexec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "fault_job.py")

@@ -4,9 +4,9 @@ import argparse
 import numpy as np
 import pytest
 
-from mpibn import explain
-from mpibn.__main__ import main
-from mpibn.launch import under_mpiexec
+from mpibn.cli import explain
+from mpibn.cli.main import main
+from mpibn.cli.launch import under_mpiexec
 
 
 @pytest.mark.parametrize("argv", [
@@ -70,7 +70,7 @@ def test_explain_every_check_is_true(capsys, full, digits):
         assert "MISMATCH" not in out
         assert "all True" in out
         assert out.count("check: ") >= (7 * comm.Get_size() if full else 1)
-        assert "layer 1 forward, call 1" in out and "layer 2" not in out
+        assert "layer 1 forward call 1" in out and "layer 2" not in out
     else:
         assert out == ""
 

@@ -113,7 +113,7 @@ def test_lockstep_with_every_rank_evaluating_works():
 
 
 def _job(scenario, env_extra=None, timeout=150):
-    from mpibn.launch import _RANK_VARIABLES, find_mpiexec
+    from mpibn.cli.launch import _RANK_VARIABLES, find_mpiexec
     env = {k: v for k, v in os.environ.items() if k not in _RANK_VARIABLES and not k.startswith("PMI")}
     env.update(env_extra or {})
     script = os.path.join(ROOT, "tests", "scripts", "mismatch_job.py")

@@ -9,7 +9,7 @@ import sys
 import pytest
 from mpi4py import MPI
 
-from mpibn.launch import find_mpiexec
+from mpibn.cli.launch import find_mpiexec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

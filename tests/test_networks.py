@@ -129,7 +129,7 @@ def test_misordered_layers_of_different_widths_raise_agreed_error():
 
 @pytest.mark.skipif(WORLD.Get_size() > 1, reason="launches its own mpiexec")
 def test_debug_timeout_names_the_rank_that_never_called():
-    from mpibn.launch import find_mpiexec
+    from mpibn.cli.launch import find_mpiexec
     script = os.path.join(ROOT, "tests", "scripts", "skip_call.py")
     out = subprocess.run([find_mpiexec(), "-n", "3", sys.executable, "-m", "mpi4py", script],
                          capture_output=True, text=True, timeout=60)

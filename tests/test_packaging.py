@@ -19,7 +19,7 @@ import tarfile
 import pytest
 from mpi4py import MPI
 
-from mpibn.__main__ import _parser
+from mpibn.cli.main import _parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [pytest.mark.system, pytest.mark.timeout(900),
@@ -95,7 +95,7 @@ def subcommands():
 
 
 def test_the_wheel_is_what_runs(venv):
-    out = sh([venv["python"], "-c", "import mpibn, mpibn.bench; print(mpibn.__file__)"],
+    out = sh([venv["python"], "-c", "import mpibn, mpibn.cli.bench.run; print(mpibn.__file__)"],
              cwd=venv["cwd"], timeout=60)
     assert out.stdout.strip().startswith(str(venv["bin"].parent)), out.stdout
 

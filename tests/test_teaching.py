@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from mpibn import functional as F
-from mpibn.launch import under_mpiexec
+from mpibn.cli.launch import under_mpiexec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DERIVATION = os.path.join(ROOT, "docs", "derivation.md")

@@ -1,21 +1,19 @@
 """mpibn verify's arguments: unknown names exit 2 naming them; comparing nothing never passes."""
 import os
 import shutil
-from types import SimpleNamespace
 
 import pytest
 from mpi4py import MPI
 
 from mpibn import golden as G
-from mpibn.__main__ import main
+from mpibn.cli.main import main
 
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     base = tmp_path_factory.mktemp("verify_args")
     golden = str(base / "golden")
-    args = SimpleNamespace(out=golden, scenarios="even,eval", dtype="float32", no_exact=False)
-    assert G.run(args, comm=MPI.COMM_SELF) == 0
+    G.write(golden, MPI.COMM_SELF, ["even", "eval"])
     results = str(base / "results")
     shutil.copytree(golden, results)
     os.remove(os.path.join(results, "manifest.json"))
