@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .comm import group_of
+
 FORMAT = "mpibn-golden"
 FORMAT_VERSION = 1
 STEPS = 2
@@ -146,7 +148,7 @@ def scenarios(size, dtype="float32", exact=True):
             s.dtype = dtype
         s.exact, s.seed = exact, 1000 + i
         members = [g for g in (s.process_groups or [list(range(size))])]
-        s.groups_of_rank = [next((g for g in members if r in g), [r]) for r in range(size)]
+        s.groups_of_rank = [list(group_of(r, members)) for r in range(size)]
         out[s.name] = s
     return out
 

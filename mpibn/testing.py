@@ -29,7 +29,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .comm import GroupComm, validate_process_groups
+from .comm import GroupComm, group_of, validate_process_groups
 from .golden import OUTPUT_KEYS
 from .init import initializer
 from .layer import SyncBatchNorm
@@ -94,7 +94,7 @@ def _group_comms(size, process_groups):
     shared = {g: _SimulatedGroup(len(g)) for g in groups if len(g) > 1}
     out = []
     for r in range(size):
-        mine = next((g for g in groups if r in g), (r,))
+        mine = group_of(r, groups)
         out.append(_SimulatedGroupComm(shared.get(mine), mine, r))
     return out
 

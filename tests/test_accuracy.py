@@ -18,6 +18,7 @@ import pytest
 from mpi4py import MPI
 
 from mpibn import SyncBatchNorm
+from mpibn.comm import group_of
 from mpibn.sync import sync_batch_norm, sync_batch_norm_backward
 from conftest import shard_slices
 from oracle import exact_batch_norm, ulp_distance
@@ -149,7 +150,7 @@ def world_layout(kind, size):
     groups = {"world": None, "pairs": [[r for r in range(size) if r % 2 == 0], [r for r in range(size) if r % 2]],
               "three_and_one": [list(range(min(3, size)))]}[kind]
     rank = WORLD.Get_rank()
-    members = next((g for g in groups or [list(range(size))] if rank in g), [rank])
+    members = group_of(rank, groups or [list(range(size))])
     sizes = [0 if i == 1 else 2 + i for i in range(len(members))] if len(members) > 2 else \
         [2 + 3 * i for i in range(len(members))]
     return groups, members, sizes

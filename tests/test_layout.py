@@ -11,7 +11,6 @@ submodule already loads it before itself.
 import ast
 import os
 
-import pytest
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mpibn")
 
@@ -21,18 +20,12 @@ ALLOWED_EDGES = {
         "the one-release shim functional.__getattr__ (mpibn.functional.sync_batch_norm); goes with it",
 }
 
-#: Known offenders in files other issue-17 helpers own, until their branches merge. The
-#: integrator empties these two tables (a test below fails once an entry is fixed).
-KNOWN_CYCLE_EDGES = {
-    ("mpibn.bench", "mpibn.bench_grid"): "bench.py imports bench_grid lazily; the move to mpibn/cli/ cuts it",
-}
-KNOWN_LONG_FUNCTIONS = {
-    "mpibn.explain.run": "explain.run is split by step in the move to mpibn/cli/",
-}
 
 MAX_FUNCTION_LINES = 80
-#: The one module outside mpibn/cli that may import it: ``python -m mpibn`` runs the command line.
+#: The modules outside mpibn/cli that may import it: ``python -m mpibn`` runs the command line,
+#: and the one-release shims at the old paths re-export what moved (README, "Deprecated").
 CLI_ENTRY = "mpibn.__main__"
+CLI_SHIMS = ("mpibn.bench", "mpibn.bench_grid", "mpibn.demo", "mpibn.explain", "mpibn.launch")
 
 
 def modules():
@@ -127,7 +120,7 @@ def reference_graph():
     """The graph the cycle rule applies to: no facade edges, no allowed or known ones."""
     graph = import_graph()
     graph["mpibn"] = set()
-    return without(graph, set(ALLOWED_EDGES) | set(KNOWN_CYCLE_EDGES))
+    return without(graph, set(ALLOWED_EDGES))
 
 
 def test_the_graph_sees_deferred_imports():
@@ -147,7 +140,8 @@ def test_no_import_cycles():
 def test_nothing_outside_the_cli_imports_it():
     offenders = sorted((a, b) for a, targets in import_graph().items() for b in targets
                        if (b == "mpibn.cli" or b.startswith("mpibn.cli."))
-                       and not (a == "mpibn.cli" or a.startswith("mpibn.cli.")) and a != CLI_ENTRY)
+                       and not (a == "mpibn.cli" or a.startswith("mpibn.cli."))
+                       and a != CLI_ENTRY and a not in CLI_SHIMS)
     assert not offenders, f"the reference imports the command line: {offenders}"
 
 
@@ -170,16 +164,5 @@ def long_functions():
 
 
 def test_no_function_over_80_lines():
-    found = {f: n for f, n in long_functions().items() if f not in KNOWN_LONG_FUNCTIONS}
+    found = long_functions()
     assert not found, f"functions over {MAX_FUNCTION_LINES} lines (split them): {found}"
-
-
-@pytest.mark.parametrize("table", ["cycle edges", "long functions"])
-def test_known_offenders_are_still_offenders(table):
-    """Once another branch fixes a known offender, its entry must go."""
-    if table == "cycle edges":
-        graph = import_graph()
-        fixed = [edge for edge in KNOWN_CYCLE_EDGES if edge[1] not in graph.get(edge[0], ())]
-    else:
-        fixed = [f for f in KNOWN_LONG_FUNCTIONS if f not in long_functions()]
-    assert not fixed, f"fixed, so remove from the known offenders in tests/test_layout.py: {fixed}"

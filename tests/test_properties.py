@@ -23,6 +23,7 @@ from mpi4py import MPI
 
 from mpibn import SyncBatchNorm
 from mpibn import functional as F
+from mpibn.comm import group_of
 
 DTYPES = [np.float16, np.float32, np.float64]
 #: bound on |got - want| / (1 + |want|), per output dtype (a couple of ulps; float64
@@ -171,7 +172,7 @@ def grouped_batches(draw, size):
 def my_group(groups, rank, size):
     if groups is None:
         return list(range(size))
-    return sorted(next((g for g in groups if rank in g), [rank]))
+    return sorted(group_of(rank, groups))
 
 
 @pytest.mark.mpi(min_size=2)

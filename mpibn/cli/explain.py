@@ -29,7 +29,8 @@ in docs/derivation.md.
 import numpy as np
 
 from .. import functional as F
-from ..comm import HEADER, describe_tag, validate_process_groups
+from ..comm import HEADER, group_of, validate_process_groups
+from ..errors import describe_tag
 from . import textbook
 
 DEFAULT_GROUPS = [[0, 1], [2, 3]]
@@ -116,7 +117,7 @@ def check_setup(groups, shards, size):
     if len(set(listed)) != len(listed) or any(not g for g in groups or []):
         return f"--groups {groups}: groups must be non-empty and no rank id may repeat"
     for rank in range(size):
-        mine = next((g for g in groups if rank in g), [rank]) if groups is not None else range(size)
+        mine = group_of(rank, groups) if groups is not None else range(size)
         if sum(shards[r] for r in mine) < 2:
             return (f"rank {rank}'s group {list(mine)} holds {sum(shards[r] for r in mine)} samples "
                     f"in all; training batch norm needs at least 2 (give it more with --shards)")
