@@ -69,7 +69,10 @@ def test_a_host_dies_and_the_job_ends(tmp_path):
     assert victims, harness.output
     killed_at = time.time()
     for pid in victims:
-        os.kill(pid, signal.SIGKILL)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:      # listed, then exited by itself (a short-lived helper process)
+            pass
     while harness.pids("host1") and time.time() < killed_at + 10.0:
         time.sleep(0.02)
     host1_gone = time.time()
