@@ -41,7 +41,7 @@ import numpy as np
 #: Integer detail slots each rank's row carries (dy's and x's shapes need 8).
 N_DETAILS = 8
 
-_FLOAT_NAMES = "float16, float32 or float64"
+_FLOAT_NAMES = "float16, float32, float64 or bfloat16"
 
 
 def _shape(details):
@@ -203,10 +203,20 @@ def said_once(pairs):
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
+def is_bfloat16(dtype):
+    """Whether ``dtype`` is ``ml_dtypes.bfloat16`` (the library JAX uses).
+
+    Read from the dtype itself: ml_dtypes is optional and never imported here
+    (an array can only have this dtype once its owner imported ml_dtypes)."""
+    return dtype.kind == "V" and dtype.name == "bfloat16"
+
+
 def is_float(dtype):
     """float16, float32 or float64, in either byte order (big-endian data is
-    accepted; ``mpibn.sync`` converts it to native order once)."""
-    return dtype in _FLOATS or dtype.newbyteorder("=") in _FLOATS
+    accepted; ``mpibn.sync`` converts it to native order once), or bfloat16
+    (``ml_dtypes``; statistics in float64 as for the others, y and dx back
+    in bfloat16, rounded once)."""
+    return dtype in _FLOATS or dtype.newbyteorder("=") in _FLOATS or is_bfloat16(dtype)
 
 
 def check_float_array(arr, name, not_array, bad_dtype, subclass):

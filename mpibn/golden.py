@@ -9,18 +9,26 @@ outputs for them, plus a JSON manifest that spells out the conventions::
 
 Inputs of a rank (``steps`` = 2 training steps, n_r = the rank's samples)::
 
-    x, dy                 (2, n_r, C[, H, W])  scenario dtype
+    x, dy                 (2, n_r, C[, H, W])  scenario dtype (bfloat16: stored
+                                               as float32, which holds it exactly)
     gamma, beta           (C,) float64 (values exact in float16)
     moving_mean0, moving_var0   (C,) float64 (exact in float32), the moving
                           statistics before step 0
 
 Outputs (what ``verify`` compares; the manifest lists them per scenario)::
 
-    y, dx                 (2, n_r, C[, H, W])  scenario dtype
+    y, dx                 (2, n_r, C[, H, W])  scenario dtype (bfloat16 as float32)
     dgamma, dbeta         (2, C) float64       this rank's share of the gradients
     batch_mean, batch_var (2, C) float64       group statistics (biased var); only
                                                where batch statistics are used
     moving_mean, moving_var (2, C) float64     after each step
+
+A scenario's ``param_dtype`` is the dtype mpibn keeps gamma, beta and the
+moving statistics in (``SyncBatchNorm(dtype=...)``): float64, or float32
+for the mixed-precision scenarios (float16 or bfloat16 input with float32
+parameters, as Keras' ``mixed_float16`` policy and Flax's ``param_dtype``
+run). bfloat16 scenarios need ``ml_dtypes`` (optional): without it they
+are left out of the standard table, and asking for one by name is an error.
 
 Every rank draws the same global batch from the scenario's seed and keeps
 its shard (ranks in rank order), so a single-process backend can rebuild
@@ -38,6 +46,7 @@ FORMAT = "mpibn-golden"
 FORMAT_VERSION = 1
 STEPS = 2
 INPUT_KEYS = ("x", "dy", "gamma", "beta", "moving_mean0", "moving_var0")
+BFLOAT16_SCENARIOS = ("bfloat16", "bfloat16_params32")
 OUTPUT_KEYS = ("y", "dx", "dgamma", "dbeta", "batch_mean", "batch_var", "moving_mean", "moving_var")
 
 CONVENTIONS = {
@@ -64,7 +73,12 @@ CONVENTIONS = {
     "dtypes": "y and dx have the input dtype; everything else is float64. gamma and beta are float64 "
               "holding values that float16 represents exactly, the initial moving statistics values "
               "that float32 represents exactly, so a float32 or float16 backend starts from the very "
-              "same parameters",
+              "same parameters. bfloat16 arrays (x, dy, y, dx of a 'bfloat16' scenario) are stored as "
+              "float32, which represents them exactly (.npz files cannot name the ml_dtypes type); "
+              "verify judges them at bfloat16's tolerance",
+    "param_dtype": "the dtype mpibn held gamma, beta and the moving statistics in: 'float64', or "
+                   "'float32' for the mixed-precision scenarios (its dgamma, dbeta and moving statistics "
+                   "are then float32 values, stored as float64)",
     "rank_outside_groups": "a rank in no process group (or a group of one) normalises its own batch alone",
 }
 
@@ -76,6 +90,7 @@ class Scenario:
     shards: list                     # samples per rank (len = number of ranks)
     tail: tuple = (3, 4, 4)          # (C,) for 2-D input, (C, H, W) for 4-D
     dtype: str = "float32"
+    param_dtype: str = "float64"     # what the reference layer keeps parameters and moving statistics in
     process_groups: list = None
     offset: float = 3.0
     scale: float = 2.0
@@ -141,9 +156,19 @@ def scenarios(size, dtype="float32", exact=True):
         Scenario("momentum_0", "momentum 0: the moving statistics become the last batch's", uneven,
                  momentum=0.0),
         Scenario("momentum_1", "momentum 1: the moving statistics never change", uneven, momentum=1.0),
+        # Added with bfloat16 (issue 23), still format version 1: new names, one new field.
+        Scenario("float16_params32", "float16 data (mean 8, std 2) with float32 parameters and moving "
+                 "statistics (Keras mixed_float16, Flax param_dtype=float32)", uneven, dtype="float16",
+                 offset=8.0, param_dtype="float32"),
+        Scenario("bfloat16", "bfloat16 data (ml_dtypes), mean 8, std 2", uneven, dtype="bfloat16", offset=8.0),
+        Scenario("bfloat16_params32", "bfloat16 data with float32 parameters and moving statistics "
+                 "(Keras mixed_bfloat16, Flax dtype=bfloat16, param_dtype=float32)", uneven,
+                 dtype="bfloat16", offset=8.0, param_dtype="float32"),
     ]
     out = {}
     for i, s in enumerate(listed):
+        if s.dtype == "bfloat16" and not have_bfloat16():
+            continue                 # needs ml_dtypes; select() names it when asked for
         if s.dtype == "float32" and s.name != "float32_offset":
             s.dtype = dtype
         s.exact, s.seed = exact, 1000 + i
@@ -151,6 +176,29 @@ def scenarios(size, dtype="float32", exact=True):
         s.groups_of_rank = [list(group_of(r, members)) for r in range(size)]
         out[s.name] = s
     return out
+
+
+def have_bfloat16():
+    """Whether ml_dtypes (bfloat16) can be imported; it is optional."""
+    try:
+        import ml_dtypes  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def array_dtype(name):
+    """The NumPy dtype of a scenario's dtype name ('bfloat16' through ml_dtypes)."""
+    if name == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def storable(a):
+    """``a`` as it goes into a .npz file: bfloat16 as float32 (exact), the rest as is."""
+    a = np.asarray(a)
+    return a.astype(np.float32) if a.dtype.kind == "V" and a.dtype.name == "bfloat16" else a
 
 
 def _exact_in(values, dtype):
@@ -162,8 +210,9 @@ def inputs(s, rank):
     rng = np.random.default_rng(s.seed)
     total = sum(s.shards)
     shape = (STEPS, total) + tuple(s.tail)
-    x = (s.offset + s.scale * rng.standard_normal(shape)).astype(s.dtype)
-    dy = rng.standard_normal(shape).astype(s.dtype)
+    dtype = array_dtype(s.dtype)
+    x = (s.offset + s.scale * rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
     for c in s.constant_channels:
         x[:, :, c] = s.offset
     channels = s.tail[0]
@@ -185,7 +234,8 @@ def run_scenario(comm, s):
     bn = SyncBatchNorm(channels, eps=s.eps, momentum=s.momentum, gamma_init=data["gamma"],
                        beta_init=data["beta"], moving_mean_init=data["moving_mean0"],
                        moving_var_init=data["moving_var0"], use_batch_statistics=s.use_batch_statistics,
-                       process_groups=s.process_groups, dtype=np.float64, comm=comm, exact=s.exact)
+                       process_groups=s.process_groups, dtype=np.dtype(s.param_dtype), comm=comm,
+                       exact=s.exact)
     bn.set_train(s.training)
     out = {k: [] for k in s.outputs()}
     try:
@@ -225,6 +275,9 @@ def select(size, names=None, dtype="float32", exact=True):
     """
     table = scenarios(size, dtype, exact=exact)
     names = list(table) if names is None else list(names)
+    if not have_bfloat16() and any(n in BFLOAT16_SCENARIOS for n in names):
+        raise ValueError(f"scenario(s) {[n for n in names if n in BFLOAT16_SCENARIOS]} need bfloat16: "
+                         f"pip install ml_dtypes")
     unknown = [n for n in names if n not in table]
     if unknown:
         raise ValueError(f"unknown scenario(s) {unknown}; known: {', '.join(table)}")
@@ -245,7 +298,7 @@ def write(out, comm=None, names=None, dtype="float32", exact=True):
     for name, s in chosen.items():
         data = run_scenario(comm, s)
         os.makedirs(os.path.join(out, name), exist_ok=True)
-        np.savez(os.path.join(out, name, f"rank{rank}.npz"), **data)
+        np.savez(os.path.join(out, name, f"rank{rank}.npz"), **{k: storable(v) for k, v in data.items()})
     comm.Barrier()
     if rank == 0:
         with open(os.path.join(out, "manifest.json"), "w") as f:

@@ -13,7 +13,9 @@ ranks, it prints::
     pass      max abs <= atol + rtol * max |e|   (and max ulps <= --max-ulps if given)
 
 rtol defaults to 32 eps of the result's dtype (float16 9.8e-4, float32
-1.2e-7, float64 2.2e-16 before the factor). NaN in both places counts as
+1.2e-7, float64 2.2e-16 before the factor), or of the scenario's dtype for
+y and dx when that is the less precise (a bfloat16 scenario: eps 7.8e-3;
+its arrays are stored as float32, which holds bfloat16 values exactly). NaN in both places counts as
 equal. Exit status: 0 all pass, 1 some quantity fails or nothing was
 compared, 2 unusable input (a missing or malformed file or key, an unknown
 scenario or quantity, named in the message).
@@ -24,7 +26,11 @@ import zipfile
 
 import numpy as np
 
-from .golden import FORMAT, FORMAT_VERSION
+from .errors import is_bfloat16
+from .golden import FORMAT, FORMAT_VERSION, array_dtype
+
+#: Quantities in the scenario's (input) dtype; the rest are float64 in the golden files.
+IN_SCENARIO_DTYPE = ("y", "dx")
 
 __all__ = ["VerifyError", "load_manifest", "load_npz", "compare", "compare_quantity", "QuantityResult",
            "verify", "format_table"]
@@ -80,9 +86,23 @@ def _ulps(a, b):
     return np.abs(ia - ib)
 
 
-def compare(expected, result):
-    """(max_abs, max_abs_expected, max_ulps) of result against expected, NaN==NaN."""
-    rdtype = result.dtype if result.dtype.kind == "f" else np.dtype(np.float64)
+def _is_float(dtype):
+    return dtype.kind == "f" or is_bfloat16(dtype)
+
+
+def coarser(a, b):
+    """The less precise of two float dtypes (the larger eps)."""
+    return a if np.finfo(a).eps >= np.finfo(b).eps else b
+
+
+def compare(expected, result, dtype=None):
+    """(max_abs, max_abs_expected, max_ulps, dtype) of result against expected, NaN==NaN.
+
+    ``dtype``: the precision to judge in when it is coarser than the result's
+    (a bfloat16 scenario's y stored as float32); ulps are counted in it."""
+    rdtype = result.dtype if _is_float(result.dtype) else np.dtype(np.float64)
+    if dtype is not None:
+        rdtype = coarser(np.dtype(dtype), rdtype)
     e64, r64 = expected.astype(np.float64), result.astype(np.float64)
     both_nan = np.isnan(e64) & np.isnan(r64)
     with np.errstate(invalid="ignore", over="ignore"):
@@ -108,22 +128,34 @@ class QuantityResult:
         self.tolerance, self.passed = tolerance, passed
 
 
-def compare_quantity(pairs, rtol=None, atol=0.0, max_ulps=None):
+def compare_quantity(pairs, rtol=None, atol=0.0, max_ulps=None, dtype=None):
     """Compare one quantity over all ranks: ``pairs`` = [(expected, result)] by rank.
 
     Normwise over the ranks together: pass when max |r - e| <= atol + rtol *
     max |e| (rtol default 32 eps of the result's dtype) and, if given, max
     ulps <= ``max_ulps``. The one comparison of ``verify`` and
-    ``mpibn.testing.assert_matches``.
+    ``mpibn.testing.assert_matches``. ``dtype``: judge in this precision when
+    it is coarser than the result's (``compare``).
     """
     per_rank, dt = [], np.dtype(np.float64)
     for expected, result in pairs:
-        d, s, u, dt = compare(expected, result)
+        d, s, u, dt = compare(expected, result, dtype)
         per_rank.append((d, s, u))
     res = QuantityResult(per_rank, dt, 0.0, True)
     res.tolerance = (32 * np.finfo(dt).eps if rtol is None else rtol) * res.scale + atol
     res.passed = res.max_abs <= res.tolerance and (max_ulps is None or res.max_ulps <= max_ulps)
     return res
+
+
+def scenario_dtype(s):
+    """A manifest scenario's input dtype; VerifyError for bfloat16 without ml_dtypes."""
+    try:
+        return array_dtype(s.get("dtype", "float64"))
+    except ImportError:
+        raise VerifyError(f"scenario {s.get('name')!r} is {s.get('dtype')}: its tolerance needs "
+                          f"ml_dtypes (pip install ml_dtypes)") from None
+    except TypeError:
+        raise VerifyError(f"scenario {s.get('name')!r}: unknown dtype {s.get('dtype')!r}") from None
 
 
 def verify(golden, results, scenarios=None, quantities=None, rtol=None, atol=0.0, max_ulps=None,
@@ -153,13 +185,14 @@ def verify(golden, results, scenarios=None, quantities=None, rtol=None, atol=0.0
                                       f"expected {exp[k].shape}")
                 if res[k].dtype.kind not in "fiu":
                     raise VerifyError(f"{os.path.join(results, rel)}: key {k!r} has dtype {res[k].dtype}, "
-                                      f"expected a number type")
+                                      f"expected a number type (store bfloat16 as float32)")
                 pairs[k].append((exp[k], res[k]))
         for k in keys:
             if not pairs[k]:
                 rows.append([name, k, "-", None, None, None, "missing"])
                 continue
-            q = compare_quantity(pairs[k], rtol=rtol, atol=atol, max_ulps=max_ulps)
+            q = compare_quantity(pairs[k], rtol=rtol, atol=atol, max_ulps=max_ulps,
+                                 dtype=scenario_dtype(table[name]) if k in IN_SCENARIO_DTYPE else None)
             ok &= q.passed
             rows.append([name, k, q.dtype.name, q.max_abs, q.max_rel, q.max_ulps,
                          "pass" if q.passed else "FAIL"])

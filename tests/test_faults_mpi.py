@@ -89,7 +89,7 @@ def trained(comm, **kwargs):
 # name -> (make this rank's bad x, exception type, words in the message)
 BAD_X = {
     "list": (lambda x: x.tolist(), TypeError, "x must be a numpy.ndarray"),
-    "int64": (lambda x: x.astype(np.int64), TypeError, "x has dtype int64; expected float16, float32 or float64"),
+    "int64": (lambda x: x.astype(np.int64), TypeError, "x has dtype int64; expected float16, float32, float64 or bfloat16"),
     "3-D": (lambda x: x[:, :, :, 0], ValueError, "must be 2-D (N, C) or 4-D (N, C, H, W), got a 3-D array"),
     "channels": (lambda x: np.concatenate([x, x[:, :1]], axis=1), ValueError, "x has 4 channels (shape[1])"),
 }

@@ -183,7 +183,7 @@ def test_affine_false_leaves_grads_empty():
 @pytest.mark.parametrize("x,exc,match", [
     (np.ones((2, 3, 4)), ValueError, "must be 2-D .* got a 3-D array"),
     (np.ones((2, 4)), ValueError, "x has 4 channels .* num_features=3"),
-    (np.ones((2, 3), dtype=np.int64), TypeError, "x has dtype int64; expected float16, float32 or float64"),
+    (np.ones((2, 3), dtype=np.int64), TypeError, "x has dtype int64; expected float16, float32, float64 or bfloat16"),
     ([[1.0, 2.0, 3.0]], TypeError, "x must be a numpy.ndarray"),
 ])
 def test_bad_input(training, x, exc, match):

@@ -115,7 +115,8 @@ def golden_reference(s, size):
         res = reference([d["x"][step] for d in data], [d["dy"][step] for d in data],
                         process_groups=s.process_groups, gamma=data[0]["gamma"], beta=data[0]["beta"],
                         moving_mean=mm, moving_var=mv, eps=s.eps, momentum=s.momentum, training=s.training,
-                        use_batch_statistics=s.use_batch_statistics, exact=s.exact, dtype=np.float64)
+                        use_batch_statistics=s.use_batch_statistics, exact=s.exact,
+                        dtype=np.dtype(s.param_dtype))
         mm, mv = [r.moving_mean for r in res], [r.moving_var for r in res]
         out.append(res)
     return out

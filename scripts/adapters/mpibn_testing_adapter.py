@@ -19,23 +19,26 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import load, write  # noqa: E402
 
+from mpibn.golden import array_dtype, storable  # noqa: E402
 from mpibn.testing import reference  # noqa: E402
 
 
 def run_scenario(s, ranks, exact):
     size = len(ranks)
     mm, mv = ranks[0]["moving_mean0"], ranks[0]["moving_var0"]
+    xdtype = array_dtype(s["dtype"])          # bfloat16 is stored as float32 (exact)
     out = [{k: [] for k in s["outputs"]} for _ in range(size)]
     for step in range(2):
-        res = reference([r["x"][step] for r in ranks], [r["dy"][step] for r in ranks],
+        res = reference([r["x"][step].astype(xdtype) for r in ranks],
+                        [r["dy"][step].astype(xdtype) for r in ranks],
                         process_groups=s["process_groups"], gamma=ranks[0]["gamma"], beta=ranks[0]["beta"],
                         moving_mean=mm, moving_var=mv, eps=s["eps"], momentum=s["momentum"],
                         training=s["training"], use_batch_statistics=s["use_batch_statistics"],
-                        exact=exact, dtype=np.float64)
+                        exact=exact, dtype=np.dtype(s.get("param_dtype", "float64")))
         mm, mv = [r.moving_mean for r in res], [r.moving_var for r in res]
         for o, r in zip(out, res):
             for k in o:
-                o[k].append(getattr(r, k))
+                o[k].append(storable(getattr(r, k)))
     return [{k: np.stack(v) for k, v in o.items()} for o in out]
 
 
