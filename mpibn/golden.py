@@ -123,6 +123,8 @@ def scenarios(size, dtype="float32", exact=True):
     # Groups of unequal sizes, the bigger one second (JAX's pmean divides by the first group's size).
     unequal = ([[0, 1], list(range(2, size))] if size >= 5 else
                [[0], list(range(1, size))] if size >= 3 else None)
+    # Two equal groups of equal shards (K >= 4 even): where every JAX library can run groups.
+    halves = [list(range(size // 2)), list(range(size // 2, size))] if size >= 4 and size % 2 == 0 else None
     pair = [1, 1] + [0] * (size - 2) if size > 1 else [2]
     ones = [1] * size if size > 1 else [2]
     listed = [
@@ -156,7 +158,9 @@ def scenarios(size, dtype="float32", exact=True):
         Scenario("momentum_0", "momentum 0: the moving statistics become the last batch's", uneven,
                  momentum=0.0),
         Scenario("momentum_1", "momentum 1: the moving statistics never change", uneven, momentum=1.0),
-        # Added with bfloat16 (issue 23), still format version 1: new names, one new field.
+        # Added with issue 23 (more peers, bfloat16), still format version 1: new names, one new field.
+        Scenario("groups_even", "process_groups of equal sizes over equal shards ([[0 .. K/2-1], "
+                 "[K/2 .. K-1]]): groups as every pmap library can express them", even, process_groups=halves),
         Scenario("float16_params32", "float16 data (mean 8, std 2) with float32 parameters and moving "
                  "statistics (Keras mixed_float16, Flax param_dtype=float32)", uneven, dtype="float16",
                  offset=8.0, param_dtype="float32"),
