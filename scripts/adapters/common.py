@@ -42,6 +42,13 @@ def concat(ranks, members, key, step):
     return np.concatenate(parts), {r: slice(ends[i], ends[i + 1]) for i, r in enumerate(members)}
 
 
+def storable(a):
+    """``a`` as a .npz file can hold it: bfloat16 (ml_dtypes, TensorFlow, JAX) as float32, which
+    represents it exactly; everything else as it is."""
+    a = np.asarray(a)
+    return a.astype(np.float32) if a.dtype.kind == "V" and a.dtype.name == "bfloat16" else a
+
+
 def write(out, name, rank, arrays):
     os.makedirs(os.path.join(out, name), exist_ok=True)
-    np.savez(os.path.join(out, name, f"rank{rank}.npz"), **arrays)
+    np.savez(os.path.join(out, name, f"rank{rank}.npz"), **{k: storable(v) for k, v in arrays.items()})

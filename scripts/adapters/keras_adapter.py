@@ -43,6 +43,13 @@ biased --peer-stats-dtype float32``; the commands are in
 docs/conformance/keras3.md. A scenario that crashes or hangs writes nothing
 (the exit status is then 1 and the message names it).
 
+``--path mask`` and ``--path masking`` run the same numbers through Keras'
+mask input paths (``call_layer``): an all-True ``mask=``, and an implicit
+mask from a ``Masking`` layer that masks nothing. Both must give the
+numbers of the plain call. (Keras 3.15.1 does not: with any mask its
+``_moments`` computes local masked moments and never looks at
+``self.synchronized``; docs/conformance/reports/keras3-mask-disables-sync.md.)
+
 Needs TensorFlow and keras / tf_keras (the ``keras`` extra: ``pip install
 'mpibn[keras]'``, pinned); docs/conformance/keras3.md has the commands.
 """
@@ -86,7 +93,8 @@ def import_keras(version):
 
 def make_layer(keras, version, s, first, input_shape):
     init = keras.initializers.Constant
-    dtype = {"float16": "mixed_float16", "float64": "float64"}.get(s["dtype"], "float32")
+    dtype = {"float16": "mixed_float16", "bfloat16": "mixed_bfloat16", "float64": "float64"}.get(
+        s["dtype"], "float32")
     bn = keras.layers.BatchNormalization(
         axis=1, momentum=s["momentum"], epsilon=s["eps"], synchronized=True, dtype=dtype,
         gamma_initializer=init(first["gamma"]), beta_initializer=init(first["beta"]),
@@ -96,16 +104,36 @@ def make_layer(keras, version, s, first, input_shape):
     return bn
 
 
-def batch_moments(tf, bn, version, x):
-    """The layer's own synchronised moments of x, in the dtype the layer normalises with."""
+def batch_moments(tf, bn, version, x, mask=None):
+    """The layer's own synchronised moments of x (with the mask the call got), in the dtype the
+    layer normalises with."""
     axes = [0] + list(range(2, len(x.shape)))
     if version == "3":
         from keras import ops
         from keras.src import backend
-        return bn._moments(ops.cast(x, backend.result_type(x.dtype, "float32")), None)
+        return bn._moments(ops.cast(x, backend.result_type(x.dtype, "float32")), mask)
     if x.dtype in (tf.float16, tf.bfloat16):
         x = tf.cast(x, tf.float32)
     return bn._moments(tf.cast(x, bn._param_dtype), axes, keep_dims=False)
+
+
+def call_layer(keras, bn, x, training, path):
+    """y, and the mask the layer saw: the input path of ``--path``.
+
+    default: ``bn(x, training=...)``. mask: ``mask=`` an all-True (N, C[, H]) mask (the shape
+    Keras' masks have: the input's without its last axis); it masks nothing, so the numbers must
+    not change. masking: a ``keras.layers.Masking(mask_value=-999)`` before the layer (no value
+    is -999, so it masks nothing either): Keras hands its implicit mask to the layer, as in any
+    model with Masking or Embedding(mask_zero=True) upstream."""
+    if path == "mask":
+        import tensorflow as tf
+        mask = tf.ones(tf.shape(x)[:-1], tf.bool)
+        return bn(x, training=training, mask=mask), mask
+    if path == "masking":
+        masked = keras.layers.Masking(mask_value=-999.0)(x)
+        mask = getattr(masked, "_keras_mask", None)
+        return bn(masked, training=training), mask
+    return bn(x, training=training), None
 
 
 def local(strategy, var, version):
@@ -136,10 +164,10 @@ def worker(args):
     def step(x, dy):
         with tf.GradientTape() as tape:
             tape.watch(x)
-            y = bn(x, training=training)
+            y, mask = call_layer(keras, bn, x, training, args.path)
         dx, dgamma, dbeta = tape.gradient(y, [x, bn.gamma, bn.beta], output_gradients=tf.cast(dy, y.dtype))
         if training:
-            mean, var = batch_moments(tf, bn, args.keras, x)
+            mean, var = batch_moments(tf, bn, args.keras, x, mask if args.keras == "3" else None)
         else:
             mean = var = tf.zeros([0])
         return y, dx, dgamma, dbeta, mean, var
@@ -199,6 +227,8 @@ def main(argv=None):
     parser.add_argument("--keras", choices=["3", "2"], required=True, help="3: keras 3.x; 2: tf_keras")
     parser.add_argument("--scenarios", help="comma-separated subset (default: all of the golden set)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per scenario process")
+    parser.add_argument("--path", choices=["default", "mask", "masking"], default="default",
+                        help="input path: plain call, mask= all True, or a Masking layer before the layer")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--scenario", help=argparse.SUPPRESS)
     parser.add_argument("--members", help=argparse.SUPPRESS)
@@ -217,7 +247,7 @@ def main(argv=None):
         status = {"failed": None}
         for members in sorted({tuple(g) for g in s["groups_of_rank"]}):
             cmd = [sys.executable, os.path.abspath(__file__), args.golden, args.out, "--keras", args.keras,
-                   "--worker", "--scenario", name, "--members", ",".join(map(str, members))]
+                   "--worker", "--scenario", name, "--members", ",".join(map(str, members)), "--path", args.path]
             t0 = time.time()
             try:
                 run = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)

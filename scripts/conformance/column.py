@@ -9,14 +9,18 @@ Per scenario (the format is described in docs/conformance.md, "Column
 files"): the normwise relative error ||a - e||_2 / ||e||_2 over
 all ranks (float64; the plain norm where ||e|| = 0; "inf" or "nan" as strings
 where the backend gave non-finite numbers) of every quantity, against the
-golden values; the verdict at ``mpibn verify``'s tolerance
+golden values; the verdict by the rubric of docs/conformance.md:
+"pass" when every quantity is within ``mpibn verify``'s tolerance
 (``mpibn.verify.compare_quantity``: max abs <= 32 eps of the result dtype
-times max |e|): "pass" when every quantity passes; otherwise the failing
-quantities are recomputed under the peer's convention
-(``peer_convention.recompute`` with the --peer-* knobs) and scored again:
-all pass there -> "convention", some still fail -> "defect". A scenario
-with no results is "unsupported" (or what --notes says: {scenario: {"verdict",
-"note"}} overrides, for crashes and scenarios a peer cannot express).
+times max |e|); otherwise the failing quantities are recomputed under the
+peer's convention (``peer_convention.recompute`` with the --peer-* knobs):
+within tolerance there -> "convention"; else, if the difference from that
+recomputation is within ACCURACY_ULPS times the change a one-ulp change of
+every input (in the input's dtype) can cause (``input_ulps``) -> "accuracy"
+(an accuracy limit); else "defect". A scenario with no results is
+"unsupported" (or what --notes says: {scenario: {"verdict", "note"}}
+overrides, for crashes, scenarios a peer cannot express, and conventions
+a peer documents that the recomputation does not model).
 """
 import argparse
 import json
@@ -28,7 +32,27 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from peer_convention import recompute  # noqa: E402
 
-from mpibn.verify import compare_quantity, load_manifest, load_npz  # noqa: E402
+from mpibn.golden import array_dtype  # noqa: E402
+from mpibn.verify import IN_SCENARIO_DTYPE, compare_quantity, load_manifest, load_npz, scenario_dtype  # noqa: E402
+
+#: An accuracy limit: the difference from the peer-convention reference is at most this many times
+#: what a one-ulp change of every input can cause (first order; docs/conformance.md, "Rubric").
+ACCURACY_ULPS = 4
+
+
+def input_ulps(pairs, bounds, u):
+    """max |a - e| / (u * bound) over the ranks' elements: the difference in units of the change a
+    one-ulp (u) change of the inputs can cause. inf where a is not finite or the bound is 0 and
+    a != e."""
+    worst = 0.0
+    for (e, a), b in zip(pairs, bounds):
+        e, a, b = (np.asarray(v, np.float64) for v in (e, a, b))
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            d = np.where(a == e, 0.0, np.abs(a - e))
+            r = np.where(d == 0, 0.0, d / (u * b))
+        r = np.where(np.isnan(r), np.inf, r)
+        worst = max(worst, float(r.max(initial=0.0)))
+    return worst
 
 
 def normwise(pairs):
@@ -58,26 +82,42 @@ def score_scenario(golden, results, name, s, peer):
             continue
         pairs = [(g[k], r[k]) for g, r in zip(golden_files, result_files)]
         errors[k] = normwise(pairs)
-        if not compare_quantity(pairs).passed:
+        dtype = scenario_dtype(s) if k in IN_SCENARIO_DTYPE else None
+        if not compare_quantity(pairs, dtype=dtype).passed:
             failing.append(k)
     entry = {"verdict": "pass", "errors": errors}
     if not failing:
         return entry
     theirs = recompute(s, golden_files, **peer)
-    peer_errors, still = {}, []
+    u = float(np.finfo(array_dtype(s["dtype"])).eps) / 2           # one ulp of the input's dtype
+    peer_errors, ulps, still, limits = {}, {}, [], []
     for k in failing:
         pairs = [(theirs[r][k], result_files[r][k]) for r in range(len(result_files))]
         ref_finite = all(np.isfinite(p[0]).all() for p in pairs)
         # NaN under the peer's convention (e.g. the mean of an empty device's mean) is no match.
         peer_errors[k] = normwise(pairs) if ref_finite else "nan"
-
-        if not ref_finite or not compare_quantity(pairs).passed:
-            still.append(k)
+        dtype = scenario_dtype(s) if k in IN_SCENARIO_DTYPE else None
+        if ref_finite and compare_quantity(pairs, dtype=dtype).passed:
+            continue
+        ulps[k] = input_ulps(pairs, [theirs[r]["bound_" + k] for r in range(len(result_files))], u) \
+            if ref_finite else float("inf")
+        (limits if ulps[k] <= ACCURACY_ULPS else still).append(k)
     entry["errors_peer_convention"] = peer_errors
-    entry["verdict"] = "defect" if still else "convention"
-    entry["note"] = (f"off under both conventions: {', '.join(still)}" if still else
-                     f"matches under the peer's convention: {', '.join(failing)}")
+    entry["input_ulps"] = {k: (v if np.isfinite(v) else "inf") for k, v in ulps.items()}
+    conv = [k for k in failing if k not in ulps]
+    said = "; ".join(part for part in (
+        f"convention: {', '.join(conv)}" if conv else "",
+        "accuracy limit (within %d input ulps): %s" % (ACCURACY_ULPS, ", ".join(
+            f"{k} {ulps[k]:.2g}" for k in limits)) if limits else "",
+        "defect (beyond the convention and %d input ulps): %s" % (ACCURACY_ULPS, ", ".join(
+            f"{k} {_ulps_text(ulps[k])}" for k in still)) if still else "") if part)
+    entry["verdict"] = "defect" if still else "accuracy" if limits else "convention"
+    entry["note"] = said
     return entry
+
+
+def _ulps_text(v):
+    return "inf" if not np.isfinite(v) else f"{v:.2g} input ulps"
 
 
 def main(argv=None):
@@ -94,6 +134,10 @@ def main(argv=None):
     p.add_argument("--peer-moving-var", choices=["unbiased", "biased"], default="unbiased")
     p.add_argument("--peer-stats-dtype", default=None)
     p.add_argument("--notes", help="JSON {scenario: {verdict, note}} overriding or annotating entries")
+    p.add_argument("--path", help="an input path other than the default: the file is an input-paths row "
+                                  "(docs/conformance/paths/)")
+    p.add_argument("--framework-short", help="the framework's name in the input-paths table")
+    p.add_argument("--finding", help="one sentence under the input-paths table")
     args = p.parse_args(argv)
     from mpibn import __version__
     manifest = load_manifest(args.golden)
@@ -103,14 +147,19 @@ def main(argv=None):
     if args.notes:
         with open(args.notes) as f:
             notes = json.load(f)
+    unsupported = {}          # an adapter's reasons (OUT/unsupported.json), e.g. no mask, no groups
+    if os.path.exists(os.path.join(args.results, "unsupported.json")):
+        with open(os.path.join(args.results, "unsupported.json")) as f:
+            unsupported = json.load(f)
     scenarios = {}
     for name, s in manifest["scenarios"].items():
-        entry = score_scenario(args.golden, args.results, name, s, peer)
+        entry = score_scenario(args.golden, args.results, name, dict(s, name=name), peer)
         if entry is None:
             entry = {"verdict": "unsupported", "errors": {k: None for k in ("y", "dx", "batch_var", "moving_var")},
-                     "note": "no results for this scenario"}
+                     "note": unsupported.get(name, "no results for this scenario")}
         extra = notes.get(name, {})
         if "verdict" in extra:
+            entry["measured_verdict"] = entry["verdict"]     # what the numbers alone say
             entry["verdict"] = extra["verdict"]
         if "note" in extra:
             entry["note"] = (extra["note"] + ("; " + entry["note"] if entry.get("note") else ""))
@@ -123,7 +172,11 @@ def main(argv=None):
                      f"{manifest['ranks']} ranks; scored with mpibn {__version__}",
            "convention": args.convention,
            "peer_convention_recomputed": {k: (str(v) if v is not None else None) for k, v in peer.items()},
+           "rubric": {"accuracy_input_ulps": ACCURACY_ULPS},
            "scenarios": scenarios}
+    for key in ("path", "framework_short", "finding"):
+        if getattr(args, key):
+            doc[key] = getattr(args, key)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=1, sort_keys=False)
