@@ -124,3 +124,23 @@ def test_keras_adapter_says_what_to_install_without_tensorflow(tmp_path):
                       tmp_path)
     assert run.returncode != 0 and "pip install 'mpibn[keras]'" in run.stderr, run.stdout + run.stderr
     assert not os.path.exists(tmp_path / "o" / "uneven" / "rank0.npz")
+
+
+@pytest.mark.timeout(1800)
+@pytest.mark.skipif(not have("tensorflow", "keras", "tf_keras"), reason="tensorflow/keras/tf_keras not installed")
+def test_a_mask_that_masks_nothing_turns_keras3_synchronisation_off(golden_dir, tmp_path):
+    # docs/conformance/reports/keras3-mask-disables-sync.md, found by the adapter's mask path:
+    # an all-True mask= must not change anything. tf_keras keeps synchronising; Keras 3.15.1
+    # normalises each replica with its own statistics. If Keras fixes it, this fails: update the report.
+    for version, synchronised in (("2", True), ("3", False)):
+        out = str(tmp_path / f"k{version}")
+        run = run_adapter(golden_dir, out, version, "--path", "mask", "--scenarios", "uneven")
+        assert run.returncode == 0, run.stdout + run.stderr
+        v = verdicts(golden_dir, out)
+        for q in ("y", "dx", "batch_mean"):
+            assert (v[("uneven", q)] == "pass") == synchronised, (version, q)
+        if not synchronised:        # replica 2 (5 samples) normalised by its own mean
+            g, got = load_rank(golden_dir, "uneven", 2), load_rank(out, "uneven", 2)
+            own = g["x"][0].astype(np.float64).mean(axis=(0, 2, 3))
+            np.testing.assert_allclose(got["batch_mean"][0], own, rtol=1e-5)
+            assert np.abs(got["batch_mean"][0] - g["batch_mean"][0]).max() > 0.05

@@ -168,3 +168,47 @@ def test_mpibn_testing_adapter_reproduces_the_golden_files_bitwise(golden_dir, t
         assert set(r) <= set(g) and "y" in r
         for k in r:
             assert r[k].dtype == g[k].dtype and r[k].tobytes() == g[k].tobytes(), (name, k)
+
+
+def test_rubric_accuracy_limit_against_one_ulp_of_input_change(tmp_path):
+    # float32_offset (mean 1e5, std 1): one float32 ulp of x moves y by ~0.01, far above
+    # verify's tolerance (~1e-5): a y off by 1e-3 is an accuracy limit, off by 1 a defect.
+    golden = str(tmp_path / "g")
+    G.write(golden, MPI.COMM_SELF, ["float32_offset"])
+    for shift, verdict in ((1e-3, "accuracy"), (1.0, "defect")):
+        res = tmp_path / f"r{shift}"
+        shutil.copytree(golden, res)
+        path = os.path.join(res, "float32_offset", "rank0.npz")
+        d = load(path)
+        d["y"] = d["y"] + np.float32(shift)
+        np.savez(path, **d)
+        e = score(golden, str(res), tmp_path)["scenarios"]["float32_offset"]
+        assert e["verdict"] == verdict, e
+        assert list(e["input_ulps"]) == ["y"]
+        ulps = e["input_ulps"]["y"]
+        assert (ulps < 1 if verdict == "accuracy" else ulps > column.ACCURACY_ULPS), e
+        assert ("accuracy limit" if verdict == "accuracy" else "defect") in e["note"]
+    text = report.render(str(tmp_path / "none"))
+    assert "accuracy limit" in report.VERDICT.values() and text
+
+
+def test_rubric_bound_is_the_first_order_change_of_one_ulp():
+    # input_ulps against a finite-difference check: moving every x by one ulp (relative u) in the
+    # worst direction changes y by at most u * bound_y (first order), and about that much.
+    G_s = G.scenarios(1)["even"]
+    s = dict(vars(G_s), outputs=G_s.outputs(), tail=list(G_s.tail))
+    data = G.inputs(G_s, 0)
+    u = 2.0 ** -24
+    ref = peer_convention.recompute(s, [data])[0]
+    bumped = dict(data, x=data["x"].astype(np.float64) * (1 + u * np.sign(data["x"])))
+    moved = peer_convention.recompute(s, [bumped])[0]
+    change = np.abs(moved["y"] - ref["y"])
+    assert np.all(change <= u * ref["bound_y"] * (1 + 1e-6))
+    assert change.max() > 0.01 * u * ref["bound_y"].max()
+    assert column.input_ulps([(ref["y"], moved["y"])], [ref["bound_y"]], u) <= 1.0
+
+
+def test_peer_reference_uses_the_same_accuracy_constant():
+    sys.path.insert(0, os.path.join(ROOT, "scripts", "adapters"))
+    import peer_reference
+    assert peer_reference.ACCURACY_ULPS == column.ACCURACY_ULPS

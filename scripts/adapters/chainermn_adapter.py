@@ -158,8 +158,8 @@ LADDER_TEXT = {
     "rank_weights": "every rank's mean and mean of squares weigh the same whatever its batch size "
                     "(ChainerMN's design; equals the concatenated batch only for equal shards; convention)",
     "float32_stats": "statistics held in float32, the parameters' dtype (a limit of the format; convention)",
-    "float32_arithmetic": "within 32 float32 ulps of the conditioning of the formula (no float32 evaluation does "
-                          "better; accuracy)",
+    "float32_arithmetic": "within 4 times the change a one-ulp change of every input causes "
+                          "(the rubric's accuracy limit)",
     "local_count": "moving variance unbiased with the rank's own count m/(m-1), not the group's "
                    "(defect D1 in docs/conformance/chainermn.md)",
 }

@@ -166,8 +166,8 @@ def run_scenarios(golden, out, names, ranks, timeout):
 
 LADDER_TEXT = {"float32_stats": "match once the statistics are rounded to float32, the dtype of MindSpore's "
                                 "parameters (a limit of the format; convention)",
-               "float32_arithmetic": "within 32 float32 ulps of the conditioning of the formula (no float32 "
-                                     "evaluation does better; accuracy)"}
+               "float32_arithmetic": "within 4 times the change a one-ulp change of every input causes "
+                                     "(the rubric's accuracy limit)"}
 
 
 NUMERICAL = ("off under every convention tried: the batch statistics are not the correctly rounded float32 "

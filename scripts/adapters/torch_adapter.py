@@ -12,7 +12,7 @@ scenario's eps. Per rank: y and dx are that rank's rows; dgamma and dbeta
 are the rank's share, obtained by back-propagating dy masked to the rank's
 rows; batch_mean/batch_var come from ``torch.var_mean(correction=0)``.
 Parameters and moving statistics are float64 for float64 input and float32
-otherwise (torch's CPU kernel takes float32 parameters with float16 input). ``torch.nn.SyncBatchNorm`` itself needs
+otherwise (torch's CPU kernel takes float32 parameters with float16 and bfloat16 input). ``torch.nn.SyncBatchNorm`` itself needs
 CUDA devices; where a GPU exists it can be checked the same way.
 
 Needs torch (the ``torch`` extra: ``pip install 'mpibn[torch]'``, pinned to
@@ -26,6 +26,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import concat, groups, load, uses_batch_statistics, write  # noqa: E402
+
+
+def as_numpy(t):
+    """NumPy has no torch.bfloat16: such a tensor comes back as float32 (exact), as golden stores it."""
+    return (t.float() if str(t.dtype) == "torch.bfloat16" else t).numpy()
 
 
 def run_group(torch, ranks, members, s):
@@ -55,8 +60,8 @@ def run_group(torch, ranks, members, s):
             mask[slices[r]] = dy[slices[r]]
             dgamma, dbeta = torch.autograd.grad(y, [weight, bias], mask, retain_graph=True)
             o = out[r]
-            o["y"].append(y.detach()[slices[r]].numpy())
-            o["dx"].append(dx[slices[r]].numpy())
+            o["y"].append(as_numpy(y.detach()[slices[r]]))
+            o["dx"].append(as_numpy(dx[slices[r]]))
             o["dgamma"].append(dgamma.numpy())
             o["dbeta"].append(dbeta.numpy())
             if "batch_mean" in o:
