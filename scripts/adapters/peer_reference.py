@@ -254,7 +254,7 @@ def judge(s, golden_ranks, results, ladder):
     rtol = {q: default_rtol(act[q][0].dtype if act[q][0].dtype.kind == "f" else np.float64) for q in keys}
     errors = {q: (normwise(act[q], [g[q] for g in golden_ranks]) if q in keys else None) for q in QUANTITIES}
     failing = [q for q in keys if not within_tolerance(act[q], [g[q] for g in golden_ranks], rtol[q])]
-    explained, knobs, refs = {q: None for q in failing}, {}, {}
+    explained, knobs, refs, ulps = {q: None for q in failing}, {}, {}, {}
     for label, kind, add in ladder:
         add = dict(add)
         arithmetic = add.pop("float32_arithmetic", False)
@@ -264,14 +264,16 @@ def judge(s, golden_ranks, results, ladder):
             if explained[q] is not None:
                 continue
             if arithmetic:
-                fits = rubric_ulps(s, golden_ranks, knobs, act[q], [r[q] for r in ref], q) <= ACCURACY_ULPS
+                ulps[q] = rubric_ulps(s, golden_ranks, knobs, act[q], [r[q] for r in ref], q)
+                fits = ulps[q] <= ACCURACY_ULPS
             else:
                 fits = within_tolerance(act[q], [r[q] for r in ref], rtol[q])
             if fits:
                 explained[q] = label
     kinds = {label: kind for label, kind, _ in ladder}
     conv = [label for label, kind, _ in ladder if kind == "convention"]
-    out = {"errors": errors, "errors_peer_convention": {}, "explained": explained}
+    out = {"errors": errors, "errors_peer_convention": {}, "explained": explained,
+           "input_ulps": {q: (v if np.isfinite(v) else "inf") for q, v in ulps.items()}}
     if conv:
         last = refs[conv[-1]]
         out["errors_peer_convention"] = {q: normwise(act[q], [r[q] for r in last]) for q in failing}
@@ -300,15 +302,14 @@ def describe(explained, names, unexplained="off under every convention tried (nu
 
 
 def column_cell(judged, note):
-    """The scenario entry of a column file: docs/conformance.md shows "defect (accuracy)" for a
-    "defect" whose note starts with "accuracy", so that is how an "accuracy" verdict is written."""
+    """The scenario entry of a column file (verdict "accuracy" is the rubric's accuracy limit)."""
     verdict = judged["verdict"]
-    if verdict == "accuracy":
-        verdict, note = "defect", "accuracy: " + note
     cell = {"verdict": verdict, "errors": judged["errors"],
             "errors_peer_convention": judged["errors_peer_convention"]}
     if "errors_as_implemented" in judged:
         cell["errors_as_implemented"] = judged["errors_as_implemented"]
+    if judged.get("input_ulps"):
+        cell["input_ulps"] = judged["input_ulps"]
     cell["note"] = note
     return cell
 
