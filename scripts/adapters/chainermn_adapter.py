@@ -158,7 +158,7 @@ LADDER_TEXT = {
     "rank_weights": "every rank's mean and mean of squares weigh the same whatever its batch size "
                     "(ChainerMN's design; equals the concatenated batch only for equal shards; convention)",
     "float32_stats": "statistics held in float32, the parameters' dtype (a limit of the format; convention)",
-    "float32_arithmetic": "within 4 times the change a one-ulp change of every input causes "
+    "float32_arithmetic": "within 8 times the change a one-ulp change of every input causes "
                           "(the rubric's accuracy limit)",
     "local_count": "moving variance unbiased with the rank's own count m/(m-1), not the group's "
                    "(defect D1 in docs/conformance/chainermn.md)",
@@ -198,9 +198,12 @@ def conformance(golden, out, status, versions, command, param_dtype):
         ladder = [("share", "convention", {"grad_share": "group_mean"}),
                   ("rank_weights", "convention", {"weights": "rank"})]
         if f32:
-            ladder += [("float32_stats", "convention", {"stats_dtype": "float32"}),
-                       ("float32_arithmetic", "accuracy", {"float32_arithmetic": True})]
+            ladder.append(("float32_stats", "convention", {"stats_dtype": "float32"}))
+        # The defect rung before the accuracy rung: a moving variance that matches the local-count
+        # formula is a defect even where float16's coarse resolution would explain its size.
         ladder.append(("local_count", "defect", {"moving_var_count": "local"}))
+        if f32:
+            ladder.append(("float32_arithmetic", "accuracy", {"float32_arithmetic": True}))
         j = judge(s, data[name], results, ladder)
         doc["scenarios"][name] = column_cell(j, describe(j["explained"], LADDER_TEXT, NUMERICAL))
     return doc

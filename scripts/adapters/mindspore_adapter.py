@@ -166,7 +166,7 @@ def run_scenarios(golden, out, names, ranks, timeout):
 
 LADDER_TEXT = {"float32_stats": "match once the statistics are rounded to float32, the dtype of MindSpore's "
                                 "parameters (a limit of the format; convention)",
-               "float32_arithmetic": "within 4 times the change a one-ulp change of every input causes "
+               "float32_arithmetic": "within 8 times the change a one-ulp change of every input causes "
                                      "(the rubric's accuracy limit)"}
 
 

@@ -62,11 +62,11 @@ def run_group(torch, ranks, members, s):
             o = out[r]
             o["y"].append(as_numpy(y.detach()[slices[r]]))
             o["dx"].append(as_numpy(dx[slices[r]]))
-            o["dgamma"].append(dgamma.numpy())
-            o["dbeta"].append(dbeta.numpy())
+            o["dgamma"].append(as_numpy(dgamma))
+            o["dbeta"].append(as_numpy(dbeta))
             if "batch_mean" in o:
-                o["batch_mean"].append(mean.numpy())
-                o["batch_var"].append(var.numpy())
+                o["batch_mean"].append(as_numpy(mean))
+                o["batch_var"].append(as_numpy(var))
             o["moving_mean"].append(running_mean.clone().numpy())
             o["moving_var"].append(running_var.clone().numpy())
     return {r: {k: np.stack(v) for k, v in o.items()} for r, o in out.items()}
