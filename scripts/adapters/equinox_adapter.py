@@ -61,7 +61,8 @@ def run_scenario(jax, jnp, eqx, s, ranks, path):
         state = state.set(bn.batch_state_index, (m0, v0))
     else:
         state = state.set(bn.ema_state_index, (m0, v0))
-        state = state.set(bn.ema_first_time_index, jnp.array(False))   # the golden initial values count
+        first_time = state.get(bn.ema_first_time_index)           # True: "use the batch's, not these"
+        state = state.set(bn.ema_first_time_index, jnp.logical_not(first_time))  # the golden values count
     rep = lambda tree: jax.tree.map(lambda a: jnp.stack([a] * P), tree)   # noqa: E731
     state, pstate = rep(state), rep(pstate)
 

@@ -29,8 +29,6 @@ $JAX_PY scripts/adapters/haiku_adapter.py "$W/golden" "$W/haiku"
 $JAX_PY scripts/adapters/equinox_adapter.py "$W/golden" "$W/equinox"
 $JAX_PY scripts/adapters/nnx_adapter.py "$W/golden" "$W/nnx"
 # input paths (a few scenarios each): the same numbers through another way in
-$JAX_PY scripts/adapters/haiku_adapter.py "$W/golden" "$W/haiku@test_local_stats" --path test_local_stats --scenarios eval_batch_statistics,even
-$JAX_PY scripts/adapters/equinox_adapter.py "$W/golden" "$W/equinox@ema" --path ema --scenarios even,one_per_rank
 $JAX_PY scripts/adapters/nnx_adapter.py "$W/golden" "$W/nnx@nomask" --path nomask --scenarios even,groups_even
 $JAX_PY scripts/adapters/nnx_adapter.py "$W/golden" "$W/nnx@call" --path call --scenarios even,eval,eval_batch_statistics
 fi
@@ -90,10 +88,6 @@ path_row() {   # RESULTS NAME SHORT PATH FINDING [column.py peer knobs...]
   $COL "$W/$R" --column "$N" --out "$P/$N.json" "$@" --framework "$S, path: $PA" --convention "as the column" \
     --framework-short "$S" --path "$PA" --finding "$F" --command "scripts/conformance/make.sh ($R)"
 }
-path_row "haiku@test_local_stats" haiku-test_local_stats Haiku "is_training=False, test_local_stats=True" \
-  "batch statistics without updating the moving ones: Haiku's documented meaning, so eval_batch_statistics differs from MindSpore's (which updates them) in the moving statistics only" $JAXCOL
-path_row "equinox@ema" equinox-ema Equinox "mode=ema" \
-  "training normalises with the running statistics after folding in the batch: a documented mode, not batch norm's training statistics (y off by the momentum's share)" $JAXCOL
 path_row "nnx@nomask" nnx-nomask "Flax NNX" "no mask argument" "the same grades as with mask= on equal shards (y within float32 rounding of the masked call)" $JAXCOL
 path_row "nnx@call" nnx-call "Flax NNX" "use_running_average at call time" "the same numbers as the constructor flag" $JAXCOL
 # The optional peers. Keras goes through column.py like the columns above; the ChainerMN and
