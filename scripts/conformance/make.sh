@@ -105,7 +105,7 @@ if [ -x "$TF_PY" ]; then
       --command "$TF_PY scripts/adapters/keras_adapter.py golden $C --keras $K   # scripts/conformance/make.sh"
     for PA in mask masking; do
       [ "${SKIP_RUN:-0}" = 1 ] || $TF_PY scripts/adapters/keras_adapter.py "$W/golden" "$W/$C@$PA" --keras $K --path $PA --scenarios even,uneven
-      if [ $K = 3 ]; then FI="synchronisation silently off: each replica normalises with its own statistics (reports/keras3-mask-disables-sync.md)"; else FI="synchronised with the mask, as without it"; fi
+      if [ $K = 3 ]; then FI="synchronisation silently off: each replica normalises with its own statistics ([reports/keras3-mask-disables-sync.md](conformance/reports/keras3-mask-disables-sync.md))"; else FI="synchronised with the mask, as without it"; fi
       [ $PA = mask ] && PN="mask= (all True)" || PN="Masking layer before (masks nothing)"
       path_row "$C@$PA" "$C-$PA" "$([ $K = 3 ] && echo 'Keras 3' || echo tf_keras)" "$PN" "$FI" --peer-moving-var biased --peer-stats-dtype float32
     done

@@ -18,9 +18,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import report  # noqa: E402
 
 
-def grade(entry):
-    """The cell's grade as the report prints it, without the numbers."""
-    return report.cell(entry).split("<br>")[0] if entry is not None else "-"
+def grade(entry, before=False):
+    """The cell's grade as the report prints it, without the numbers (before the rubric, a
+    "defect" whose note starts with "accuracy" was printed "defect (accuracy)")."""
+    if entry is None:
+        return "-"
+    if before and entry.get("verdict") == "defect" and str(entry.get("note", "")).startswith("accuracy"):
+        return "defect (accuracy)"
+    return report.cell(entry).split("<br>")[0]
 
 
 def old_columns(rev, directory):
@@ -49,7 +54,7 @@ def changes(before, after):
             rows.append((col, "(new column)", "-", f"{len(doc.get('scenarios') or {})} scenarios"))
             continue
         for name, entry in (doc.get("scenarios") or {}).items():
-            was = grade((old.get("scenarios") or {}).get(name))
+            was = grade((old.get("scenarios") or {}).get(name), before=True)
             now = grade(entry)
             if was != now:
                 rows.append((col, name, was, now))

@@ -189,12 +189,17 @@ def paths_table(directory):
                 names.append(s)
     out = ["## Input paths", "",
            "The same golden inputs through other input paths each framework offers (`docs/conformance/"
-           "paths/*.json`, scored like the columns; the default path is the column above). A path must "
-           "give its column's numbers: where it does not, the row says so.", "",
+           "paths/*.json`, scored like the columns; the default path is the column above; `-`: not run "
+           "on this path). A path must give its column's grades: where it does not, the row says so.", "",
            "| framework | path | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for key in sorted(docs):
         d = docs[key]
-        cells = [cell((d.get("scenarios") or {}).get(n)) for n in names]
+        cells = []
+        for n in names:
+            e = (d.get("scenarios") or {}).get(n)
+            ran = e is not None and not (e.get("verdict") == "unsupported" and
+                                         e.get("note") == "no results for this scenario")
+            cells.append(cell(e) if ran else "-")
         out.append(f"| {d.get('framework_short', d.get('column'))} | {d.get('path', '-')} | "
                    + " | ".join(cells) + " |")
     out.append("")
