@@ -161,7 +161,10 @@ def render(directory, md_link_prefix="conformance/"):
             "against the golden values, float64, over all ranks concatenated: ||a - e||_2 / ||e||_2, the "
             "plain norm where ||e|| = 0; null where the framework gives no such quantity; the strings "
             "\"nan\"/\"inf\" where it gave non-finite numbers), `errors_peer_convention` (the failing "
-            "quantities against the reference recomputed under the framework's convention) and `note`. "
+            "quantities against the reference recomputed under the framework's convention), `input_ulps` "
+            "(for the quantities beyond the convention: the difference in units of what one ulp of input "
+            "change causes, the rubric's accuracy measure), `measured_verdict` (where the notes file "
+            "grades a documented behaviour differently from the numbers) and `note`. "
             "`docs/conformance/<column>.md` holds the column's bug reports (version, minimal reproduction, "
             "expected against actual, upstream issue).", ""]
     out += ["## Commands and versions", ""]
