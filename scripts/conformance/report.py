@@ -138,7 +138,7 @@ def render(directory, md_link_prefix="conformance/"):
         out.append("")
         out.append(f"Convention: {doc.get('convention', '-')}")
         out.append("")
-        if not conv and not bad:
+        if not conv and not bad and not any(e.get("verdict") == "unsupported" for e in entries.values()):
             out += ["No convention difference and no defect in any scenario.", ""]
         for label, group in (("Convention", conv), ("Defect", bad)):
             for s, e in group.items():
@@ -148,6 +148,12 @@ def render(directory, md_link_prefix="conformance/"):
                 moved = ", ".join(f"{q} {fmt((e.get('errors') or {}).get(q))} -> {fmt(v)}" for q, v in peer.items())
                 kind = "Error" if e.get("verdict") == "error" else label
                 out.append(f"- {kind}, `{s}`: {e.get('note', '')}" + (f" ({moved})" if moved else ""))
+        unsupported = {}
+        for s_name, e in entries.items():
+            if e.get("verdict") == "unsupported":
+                unsupported.setdefault(str(e.get("note", "")), []).append(s_name)
+        for why, names in unsupported.items():
+            out.append(f"- Unsupported, {', '.join(f'`{n}`' for n in names)}: {why}")
         link = _link(directory, c, md_link_prefix)
         if link:
             out.append(f"- Bug reports and details: {link}")
