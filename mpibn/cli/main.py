@@ -81,19 +81,23 @@ def _add_verify(sub):
         "verify", help="compare another backend's results with a golden directory",
         description="Compare RESULTS/<scenario>/rank<r>.npz (the golden layout, output keys) with "
                     "GOLDEN and print max abs / max rel (normwise) / max ulps per scenario and "
-                    "quantity. Exit 0 when all pass, 1 on a failure or when nothing was compared, "
-                    "2 on a missing or malformed file or key or an unknown scenario or quantity.")
+                    "quantity, at the tolerance of the scenario's dtype (never the dtype a result is "
+                    "stored in). Exit 0 when all pass, 1 on a failure, a missing quantity or when "
+                    "nothing was compared, 2 on a missing or malformed file, field or key or an "
+                    "unknown scenario or quantity (one line naming it). Rules: docs/ground-truth.md.")
     verify.add_argument("golden", metavar="GOLDEN")
     verify.add_argument("results", metavar="RESULTS")
     verify.add_argument("--rtol", type=float, default=None,
                         help="pass when max abs <= atol + rtol * max|expected| "
-                             "(default 32 eps of the result's dtype)")
+                             "(default 32 eps of the scenario's dtype)")
     verify.add_argument("--atol", type=float, default=0.0, help="absolute tolerance (default 0)")
     verify.add_argument("--max-ulps", type=int, default=None, help="also require max ulps <= this")
     verify.add_argument("--scenarios", metavar="NAMES", help="comma-separated subset")
     verify.add_argument("--quantities", metavar="NAMES", help="comma-separated subset (y,dx,...)")
     verify.add_argument("--skip-missing", action="store_true",
-                        help="report scenarios or keys the results lack as 'missing' instead of an error")
+                        help="report the files or keys the results lack as 'missing: rank r' instead of "
+                             "stopping with exit 2 (a missing quantity still fails: exit 1; leave "
+                             "quantities out with --quantities or --scenarios)")
     verify.add_argument("--markdown", action="store_true", help="print a Markdown table")
 
 
@@ -236,8 +240,8 @@ def golden_command(args, comm=None):
 
 
 def verify_command(args):
-    """``mpibn verify`` (no MPI needed): print the table, return the exit status."""
-    from ..verify import VerifyError, format_table, verify
+    """``mpibn verify`` (no MPI needed): print the table, return the exit status (0 pass, 1 fail, 2 unusable)."""
+    from ..verify import VerifyError, format_table, summary, verify
     try:
         rows, ok = verify(args.golden, args.results,
                           scenarios=args.scenarios.split(",") if args.scenarios is not None else None,
@@ -248,15 +252,9 @@ def verify_command(args):
         print(f"mpibn verify: {exc}")
         return 2
     print(format_table(rows, markdown=args.markdown))
-    failed = sum(r[-1] == "FAIL" for r in rows)
-    compared = sum(r[-1] in ("pass", "FAIL") for r in rows)
-    if compared == 0:
-        # Nothing checked is no evidence of agreement: never report success.
-        print("\nmpibn verify: nothing was compared (no selected quantity in the selected "
-              "scenarios, or all of them missing); that is not a pass")
-        return 1
-    print(f"\n{len(rows) - failed} of {len(rows)} quantities pass" + ("" if ok else f"; {failed} FAIL"))
-    return 0 if ok else 1
+    text, status = summary(rows, ok)
+    print("\n" + text)
+    return status
 
 
 def _quantities(golden, text):
