@@ -52,6 +52,7 @@ def layer_steps(comm, x_steps, dy_steps, steps, **kw):
 def reference_steps(xs_steps, dys_steps, gamma, beta, c, **kw):
     """The same steps with mpibn.testing.reference, moving statistics carried over."""
     mm, mv, out = np.full(c, 2.5), np.full(c, 3.0), []
+    kw.setdefault("dtype", np.float32)    # layer_steps' layer has the layer's default; reference's follows xs
     for xs, dys in zip(xs_steps, dys_steps):
         res = reference(xs, dys, gamma=gamma, beta=beta, moving_mean=mm, moving_var=mv, **kw)
         mm, mv = [r.moving_mean for r in res], [r.moving_var for r in res]
