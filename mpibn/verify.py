@@ -191,7 +191,7 @@ def compare_quantity(pairs, dtype, rtol=None, atol=0.0, max_ulps=None):
     dtype = _scenario_dtype(dtype)
     check_tolerances(rtol, atol, max_ulps)
     rtol = default_rtol(dtype) if rtol is None else float(rtol)
-    per_rank, missing, reasons = [], [], []
+    per_rank, missing, said = [], [], {}
     for r, (expected, result) in enumerate(pairs):
         if result is None:
             per_rank.append(None)
@@ -199,7 +199,9 @@ def compare_quantity(pairs, dtype, rtol=None, atol=0.0, max_ulps=None):
             continue
         d, s, u, problems = compare(expected, result, dtype)
         per_rank.append((d, s, u))
-        reasons += [f"rank {r}: {p}" for p in problems]
+        for p in problems:
+            said.setdefault(p, []).append(r)
+    reasons = [f"{ranks_text(ranks)}: {p}" for p, ranks in said.items()]     # each reason once
     res = QuantityResult(per_rank, dtype, 0.0, rtol, missing, reasons)
     scale = res.scale or 0.0
     res.tolerance = float(atol) + (rtol * scale if scale > 0 else 0.0)
