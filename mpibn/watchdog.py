@@ -14,7 +14,8 @@ whose collective timed out:
 * ``arm(why)``: when this rank stops a group on a timeout or a peer's stop
   notice. A line on stderr says so. If the process still runs ``grace``
   seconds later (``MPIBN_FAILSTOP_GRACE``, default 60 s; ``off`` disables),
-  it is ended with exit status EXIT_STATUS;
+  it calls MPI_Abort (mpiexec then ends every rank it can reach) and exits
+  with status EXIT_STATUS;
 * at interpreter exit, an armed watchdog cuts what is left of the grace to
   EXIT_GRACE seconds (MPI_Finalize or MPI_Abort across a partition never
   return) with ``alarm``: the kernel ends the process (SIGALRM) even while
@@ -79,9 +80,17 @@ def _countdown(generation):
 
 
 def _end(why):
+    """End the process, as an uncaught error under ``python -m mpi4py`` would: MPI_Abort
+    first, so that mpiexec ends every rank it can reach at once (a rank that only
+    exits leaves mpiexec waiting for the proxies it cannot reach), then exit, since
+    MPI_Abort returns when mpiexec cannot be reached; SIGALRM in case it blocks."""
     try:
         sys.stderr.write(f"mpibn: ending this process (exit status {EXIT_STATUS}): {why}\n")
         sys.stderr.flush()
+        signal.alarm(max(1, math.ceil(EXIT_GRACE)))
+        MPI = sys.modules.get("mpi4py.MPI")
+        if MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized():
+            MPI.COMM_WORLD.Abort(EXIT_STATUS)
     finally:
         os._exit(EXIT_STATUS)
 
