@@ -310,16 +310,37 @@ class GroupComm:
         waiting, no collective); the first stops this group. True if stopped."""
         if self.comm is None or self.debug_timeout is None:
             return self.failure is not None
-        MPI = _mpi()
-        # One Iprobe drives MPI's progress once, and a message that arrived
-        # while this rank made no MPI call is often matched only by the next
-        # (measured with MPICH/UCX): probe a few times, microseconds each.
-        while any(self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=_STOP_TAG) for _ in range(_STOP_PROBES)):
-            notice = np.zeros(4)
-            self.comm.Recv(notice, source=MPI.ANY_SOURCE, tag=_STOP_TAG)
+        while True:
+            notice = self._next_notice()
+            if notice is None:
+                return self.failure is not None
             if self.failure is None:
                 self._stop_unreachable(GroupFailed(describe_stop(notice)))
-        return self.failure is not None
+
+    def _next_notice(self):
+        """The next stop notice that has arrived, or None; never blocks.
+
+        One probe drives MPI's progress once, and a message that arrived while
+        this rank made no MPI call is often matched only by the next (measured
+        with MPICH/UCX): up to _STOP_PROBES probes, microseconds each. A matched
+        probe (Improbe) takes that very message off the queue, and its receive
+        is waited for at most _PROBE_GRACE s (a blocking Recv after Iprobe hung
+        across emulated hosts): a notice whose data never comes still says that
+        a peer stopped the group."""
+        MPI = _mpi()
+        message = next((m for m in (self.comm.Improbe(source=MPI.ANY_SOURCE, tag=_STOP_TAG)
+                                    for _ in range(_STOP_PROBES)) if m is not None), None)
+        if message is None:
+            return None
+        notice = np.full(4, -1.0)
+        request = message.Irecv(notice)
+        end = time.monotonic() + _PROBE_GRACE
+        while not request.Test():
+            if time.monotonic() > end:
+                self._abandoned.append((request, notice))
+                return np.array([0, -2, 0, -1])          # "a peer stopped the group", no details
+            time.sleep(1e-4)
+        return notice
 
     def _stop_unreachable(self, exc):
         """Stop the group on a failure after which a peer may be gone or cut off: the

@@ -418,8 +418,11 @@ def stop_group(group, exc):
 
 
 def describe_stop(numbers):
-    """A peer's stop notice (kind, layer, call, its rank) in words."""
+    """A peer's stop notice (kind, layer, call, its rank) in words (rank -1: a notice
+    whose contents never arrived)."""
     kind, layer, call, rank = (int(v) for v in numbers)
+    if rank < 0:
+        return "a peer stopped the group (its stop notice arrived, its details did not)"
     return (f"rank {rank} stopped the group: {_STOP_WHY.get(kind, 'it failed')} in "
             f"{describe_tag((layer, call))}; this rank was late to that call, or cut off")
 
