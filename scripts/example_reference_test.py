@@ -25,7 +25,11 @@ import pytest
 from mpibn.testing import assert_matches, reference
 
 RANKS = 4
-BACKEND = os.environ.get("MPIBN_EXAMPLE_BACKEND") or ("jax" if importlib.util.find_spec("jax") else "numpy")
+BACKEND = os.environ.get("MPIBN_EXAMPLE_BACKEND", "").strip() or (
+    "jax" if importlib.util.find_spec("jax") else "numpy")
+if BACKEND not in ("jax", "numpy"):
+    raise ValueError(f"MPIBN_EXAMPLE_BACKEND must be 'jax' or 'numpy' (or unset: jax when installed), "
+                     f"got {os.environ['MPIBN_EXAMPLE_BACKEND']!r}")
 if BACKEND == "jax":
     os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={RANKS}")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")

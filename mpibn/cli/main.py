@@ -162,6 +162,15 @@ def _add_explain(sub):
 
 
 def main(argv=None):
+    from ..comm import MPIUnavailable
+    try:
+        return _main(argv)
+    except MPIUnavailable as exc:            # one clear line, not libmpi's search list
+        print(f"{prog()}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:               # every later argument belongs to mpibn.cli.bench
         from .bench.run import main as bench_main
@@ -183,9 +192,11 @@ def main(argv=None):
 
 
 def _check(args):
-    """Refuse impossible demo and explain settings before any mpiexec starts."""
+    """Refuse impossible demo, explain and golden settings before any mpiexec starts."""
     if args.command == "demo" and (args.batch < 2 or args.channels < 1):
         _parser().error("--batch must be at least 2 and --channels at least 1")
+    if args.command == "golden":
+        _check_out_dir(args.out)
     if args.command != "explain":
         return
     if not 1 <= args.channels <= 8 or not 1 <= args.digits <= 17:
@@ -196,6 +207,23 @@ def _check(args):
         problem = explain.check_setup(groups, explain.shard_sizes(args.np, args.shards), args.np)
         if problem:
             _parser().error(problem)
+
+
+def _check_out_dir(out):
+    """``golden --out``: a directory, or a path where one can be made (not under a file)."""
+    path = os.path.abspath(out)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if os.path.isdir(path):
+        return
+    problem = (f"--out {out}: {'is' if path == os.path.abspath(out) else f'{path} is'} a file, "
+               f"not a directory")
+    if not under_mpiexec():
+        _parser().error(problem)
+    from mpi4py import MPI
+    if MPI.COMM_WORLD.Get_rank() == 0:       # one message, not one per rank
+        _parser().error(problem)
+    sys.exit(2)
 
 
 def _resolve_np(args):
