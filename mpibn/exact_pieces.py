@@ -41,7 +41,7 @@ __all__ = ["BITS", "CHUNK", "KMAX", "piece_sums"]
 BITS = 22                  # b: a piece is an integer of at most 22 bits (and a sign)
 CHUNK = 1 << 9             # values summed in float64 at once: 2^(2b) * 2^9 = 2^53
 KMAX = 6                   # at most 6 pieces: W <= 132 bits; wider channels go the slow way
-_BLOCK = 1 << 15           # values per block: its float64 pieces stay in the cache
+_BLOCK = 1 << 17           # values per block: few NumPy calls per value (measured best of 2^15..2^17)
 _WHOLE = 1 << 17           # an array this small is one block, every channel at once
 _EXP = 1000                # |E| bound: 2^-E and every piece product stay normal floats
 _UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -53,20 +53,30 @@ def _sigma(bits):
 
 
 def _plan(shape):
-    """Block index tuples of a (B, C, L) array. A block of several channels has
-    rows of L <= CHUNK values; one of a single channel is summed as a flat vector."""
+    """Block index tuples of a (B, C, L) array: one block for a small array, else
+    blocks of about _BLOCK values, of several channels while a channel holds
+    less than that, and rows that ``_chunks`` can cut into pieces of <= CHUNK."""
     num, channels, length = shape
-    if length <= CHUNK and num * channels * length <= _WHOLE:
+    split = _row_split(length)
+    if split and num * channels * length <= _WHOLE:
         return [(slice(None),) * 3]
     if length > _BLOCK:
         return [(slice(n, n + 1), slice(c, c + 1), slice(l, l + _BLOCK))
                 for c in range(channels) for n in range(num) for l in range(0, length, _BLOCK)]
-    if length > CHUNK or num * length >= _BLOCK // 4:
+    if not split or num * length >= _BLOCK:
         nb = max(1, _BLOCK // length)
         return [(slice(n, n + nb), slice(c, c + 1), slice(None))
                 for c in range(channels) for n in range(0, num, nb)]
     cb = max(1, _BLOCK // (num * length))
     return [(slice(None), slice(c, c + cb), slice(None)) for c in range(0, channels, cb)]
+
+
+def _row_split(length):
+    """k with length = k * m, m <= CHUNK (m >= 64 when length > CHUNK, for BLAS to be
+    worth its call), so that a row of length values sums in k exact pieces; 0 if none."""
+    if length <= CHUNK:
+        return 1
+    return next((k for k in range(-(-length // CHUNK), length // 64 + 1) if length % k == 0), 0)
 
 
 def _scan(a):
@@ -102,6 +112,12 @@ def _chunks(a, b=None):
         head = _ones(CHUNK) @ rows.T if b is None else np.vecdot(rows, b[:full].reshape(-1, CHUNK))
         tail = np.add.reduce(a[full:]) if b is None else a[full:] @ b[full:]
         return np.append(head, tail)[:, None]
+    if lb > CHUNK:                                # rows cut into k pieces of <= CHUNK values
+        k = _row_split(lb)
+        a = a.reshape(nb, cb, k, lb // k)
+        b = None if b is None else b.reshape(a.shape)
+        part = np.vecdot(a, _ones(lb // k) if b is None else b)
+        return part.transpose(0, 2, 1).reshape(-1, cb)
     if lb >= 64:                                  # rows of L <= CHUNK values: one BLAS dot each
         return np.vecdot(a, _ones(lb) if b is None else b).reshape(nb, cb)
     step = max(1, CHUNK // lb)
@@ -208,9 +224,8 @@ def piece_sums(u, w=None):
                 entries = _gram_entries(a, None if w is None else b, eu, ew, int(ku.max()),
                                         int(kw.max()), out)
         for kind, value, exponent in entries:
-            keep = ~out
-            (lin if kind == 0 else prod).append((ch[keep], value[keep], exponent[keep]))
-    return _stack(lin), _stack(prod), slow
+            (lin if kind == 0 else prod).append((ch, value, exponent))
+    return _stack(lin, slow), _stack(prod, slow), slow
 
 
 def _scale(e, out, shape):
@@ -256,8 +271,11 @@ def _product_entries(a, b, eu, ew, lou, low, out):
     return entries + [(0, value, eu + unit) for value, unit in sums]
 
 
-def _stack(entries):
-    """[(channels, values, exponents)] -> three concatenated int64 arrays."""
+def _stack(entries, slow):
+    """[(channels, values, exponents)] -> three concatenated int64 arrays, without the
+    entries of slow channels (whatever their pieces held: they go the general way)."""
     if not entries:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return tuple(np.concatenate([e[i] for e in entries]).astype(np.int64) for i in range(3))
+    ch, value, exponent = (np.concatenate([e[i] for e in entries]).astype(np.int64) for i in range(3))
+    keep = ~slow[ch]
+    return ch[keep], value[keep], exponent[keep]

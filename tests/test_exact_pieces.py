@@ -90,27 +90,35 @@ def check_backward(dy, x, mean, inv_std):
 
 # -- exact sums: every block plan, dtype and path ----------------------------------------
 
-SHAPES = [(7, 3), (300, 5), (40, 5, 9), (3, 2, 700), (2, 2, 40000), (300, 4, 50), (5, 300, 3)]
+# One block; several channels per block with short, cut and long rows; one channel
+# per block (a channel fills a block, a prime row length that cannot be cut,
+# a row longer than a block).
+SHAPES = [(7, 3), (300, 5), (40, 5, 9), (3, 2, 700), (2, 2, 40000), (300, 4, 50), (5, 300, 3),
+          (300, 2, 500), (2, 2, 1031), (1, 1, 140000)]
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_piece_sums_are_exact(shape, dtype):
-    # Every block plan (one block, one channel per block, several channels,
-    # rows longer than a block) and both backward paths (exact float16/32
-    # products, pieces of float64 dy times pieces of x) against Fraction.
+    # Every block plan and both backward paths (exact float16/32 products,
+    # pieces of float64 dy times pieces of x): the limbs equal those of the
+    # general integer method (itself checked against Fraction in
+    # test_exact.py), and Fraction's sums on the small shapes.
     rng = np.random.default_rng(sum(shape))
     x = (rng.standard_normal(shape) * 10.0 ** rng.integers(-3, 4, shape)).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
-    (lc, lv, le), (pc, pv, pe), slow = EP.piece_sums(*(a if a.ndim == 3 else a[:, :, None] for a in (x,)))
-    assert not slow.any()                                   # the fast path took every channel
+    x3, dy3 = (a if a.ndim == 3 else a[:, :, None] for a in (x, dy))
+    assert not EP.piece_sums(x3)[2].any() and not EP.piece_sums(dy3, x3)[2].any()   # all fast
+    channels_last = (lambda a: a.transpose(0, 2, 1).reshape(-1, a.shape[1]))
+    for got, want in ((E.exact_sums(x), E._general_sums(channels_last(x3))),
+                      (E.exact_sums(dy, x), E._general_sums(channels_last(dy3), channels_last(x3)))):
+        assert (got[0] == want[0]).all() and (got[1] == want[1]).all()
+    if x.size > 5000:
+        return
     lin, prod, _ = E.exact_sums(x)
-    lin2, prod2, _ = E.exact_sums(dy, x)
-    s1, s2 = E.limbs_to_ints(lin), E.limbs_to_ints(prod)
-    t1, t2 = E.limbs_to_ints(lin2), E.limbs_to_ints(prod2)
+    t_lin, t_prod, _ = E.exact_sums(dy, x)
+    s1, s2, t1, t2 = (E.limbs_to_ints(a) for a in (lin, prod, t_lin, t_prod))
     for c, (col, dcol) in enumerate(zip(ncl_columns(x), ncl_columns(dy))):
-        if shape[0] * (x.size // shape[0] // shape[1]) > 3000 and c > 0:
-            break                                           # Fraction sums are slow: one big channel
         assert E.as_fraction(s1[c]) == frac_sum(col)
         assert E.as_fraction(s2[c], E.PROD_BASE) == frac_sum(col, col)
         assert E.as_fraction(t1[c]) == frac_sum(dcol)
