@@ -37,6 +37,7 @@ from mpibn.exact import SUMMED_WIDTH
 # (shape, dtype, bar): the bars of issue 21, exact / default of forward + backward.
 CELLS = [((64, 64, 32, 32), "float32", 3.0), ((32, 64, 56, 56), "float32", 3.0),
          ((8, 64, 28, 28), "float32", 3.0), ((16, 64, 28, 28), "float64", 3.0),
+         ((16, 64, 28, 28), "float16", 3.0),
          ((16, 32, 14, 14), "float32", 4.0),
          ((128, 512), "float32", 10.0), ((256, 1024), "float32", 10.0), ((32, 16), "float32", 10.0),
          ((2, 4, 3, 3), "float32", 10.0), ((128, 512), "float64", 10.0)]
