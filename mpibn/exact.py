@@ -285,11 +285,9 @@ def _general_sums(u, w=None):
 
 def limbs_to_ints(limbs):
     """(C, K) limbs (int or float64 holding integers below 2^53, any sign) -> list of C Python ints."""
-    acc = normalise(np.asarray(limbs).astype(np.int64))       # exact: the values are integers
-    low = acc[:, :-1].astype("<u4")                            # each in [0, 2^32) after normalising
-    top = LIMB_BITS * (acc.shape[1] - 1)
-    return [int.from_bytes(low[c].tobytes(), "little") + (int(acc[c, -1]) << top)
-            for c in range(acc.shape[0])]
+    acc = np.asarray(limbs).astype(np.int64)                   # exact: the values are integers
+    # Only the limbs in use: balanced limbs are few, and no carry has to run first.
+    return [sum(int(row[k]) << (LIMB_BITS * int(k)) for k in np.flatnonzero(row)) for row in acc]
 
 
 def round_fraction(num, den):
@@ -369,22 +367,15 @@ def backward_means(counts, lin, prod, mean, inv_std, special=None):
     t1, t2 = Digits.from_limbs(lin, LIN_BASE), Digits.from_limbs(prod, PROD_BASE)
     usable = np.isfinite(mean) & np.isfinite(inv_std)
     centred = t2.minus(t1.times_rows(np.where(usable, mean, 0.0), PROD_BASE))
-    parts = []
-    for n, start, stop in _runs(counts):
-        parts.append((_rows_of(t1, start, stop), n, None))
-    for n, start, stop in _runs(counts):
-        parts.append((_rows_of(centred, start, stop), n, np.where(usable, inv_std, 0.0)[start:stop]))
-    q, ok = round_all(parts)
-    order = np.concatenate([np.arange(a, b) for _, a, b in _runs(counts)])
-    mean_dy, mean_dy_xhat = np.empty(rows), np.empty(rows)
-    mean_dy[order], mean_dy_xhat[order] = q[:rows], q[rows:]
-    ok_rows = np.empty(rows, bool)
-    ok_rows[order] = ok[:rows] & ok[rows:]
+    runs = _runs(counts)                      # rows in order, in runs of one count each
+    scale = np.where(usable, inv_std, 0.0)
+    q, ok = round_all([(_rows_of(t1, a, b), n, None) for n, a, b in runs]
+                      + [(_rows_of(centred, a, b), n, scale[a:b]) for n, a, b in runs])
+    mean_dy, mean_dy_xhat = q[:rows], q[rows:]
+    ok_rows = ok[:rows] & ok[rows:]
     for c in np.flatnonzero(~ok_rows & usable):
-        t1c, t2c = limbs_to_ints(lin[c:c + 1])[0], limbs_to_ints(prod[c:c + 1])[0]
-        mean_dy[c] = round_fraction(t1c, int(counts[c]) << -LIN_BASE)
-        mean_dy_xhat[c] = _float(Fraction(inv_std[c]) * (Fraction(t2c, 1 << -PROD_BASE)
-                                 - Fraction(mean[c]) * Fraction(t1c, 1 << -LIN_BASE)) / int(counts[c]))
+        mean_dy[c], mean_dy_xhat[c] = _means_by_ints(int(counts[c]), limbs_to_ints(lin[c:c + 1])[0],
+                                                     limbs_to_ints(prod[c:c + 1])[0], mean[c], inv_std[c])
     with np.errstate(invalid="ignore", over="ignore"):
         mean_dy_xhat = np.where(usable, mean_dy_xhat, np.nan)
         if special is not None:
@@ -392,6 +383,25 @@ def backward_means(counts, lin, prod, mean, inv_std, special=None):
             mean_dy = np.where(special[0] != 0, special[0], mean_dy)
             mean_dy_xhat = np.where(bad, inv_std * (special[1] - mean * special[0]), mean_dy_xhat)
     return mean_dy, mean_dy_xhat
+
+
+def _means_by_ints(count, t1, t2, mean, inv_std):
+    """(mean_dy, mean_dy_xhat) of one channel with Python integers: the exact finish.
+
+    mean = m 2^e with e >= LIN_BASE, so mean T1 sits on the product grid:
+    2^-PROD_BASE (T2 - mean T1) = t2 - m t1 2^(e - LIN_BASE) is an integer."""
+    m, e = _integer_ratio(mean)
+    s, f = _integer_ratio(inv_std)
+    centred = s * (t2 - ((m * t1) << (e - LIN_BASE)))          # 2^(f + PROD_BASE) units
+    shift = f + PROD_BASE
+    num, den = (centred << shift, count) if shift >= 0 else (centred, count << -shift)
+    return round_fraction(t1, count << -LIN_BASE), round_fraction(num, den)
+
+
+def _integer_ratio(value):
+    """A finite float64 as (integer m, exponent e) with value = m 2^e (e >= -1074)."""
+    num, den = float(value).as_integer_ratio()                 # den is a power of two
+    return num, 1 - den.bit_length()
 
 
 def _runs(counts):
@@ -405,14 +415,6 @@ def _runs(counts):
 def _rows_of(digits, start, stop):
     return Digits(digits.d[start:stop], digits.base[start:stop], digits.exp[start:stop],
                   digits.slow[start:stop])
-
-
-def _float(fraction):
-    """A Fraction correctly rounded to float64 (+-inf past the largest)."""
-    try:
-        return float(fraction)
-    except OverflowError:
-        return float("inf") if fraction > 0 else float("-inf")
 
 
 def as_fraction(lin_value, base=LIN_BASE):
