@@ -15,9 +15,10 @@ array, and per channel c of the block:
 
    P_i is an integer multiple of 2^-(i+1)b with |P_i| <= 2^-ib, and
    X = sum_i P_i exactly.
-3. A product P_i P_j is an integer of at most 2b = 44 bits in units of
-   2^-(i+j+2)b, so a sum of 2^9 = CHUNK of them is an integer below 2^53:
-   **exact in any summation order**, which is why BLAS may add it (one
+3. A product P_i P_j is an integer of magnitude at most 2^(2b) = 2^44 in
+   units of 2^-(i+j+2)b, so a sum of 2^9 = CHUNK of them, and each of its
+   partial sums, is an integer of magnitude at most 2^53, which float64
+   holds: **exact in any summation order**, which is why BLAS may add it (one
    ``vecdot`` per chunk). The chunks' sums are added as int64. The
    entries sum P_i and sum P_i P_j (backward: sum Q_i P_j over the pieces
    Q of dy and P of x) are therefore exact integers; ``exact.exact_sums``
@@ -25,7 +26,7 @@ array, and per channel c of the block:
 
 float16 and float32 products are exact in float64 (24 + 24 bits), so
 their backward sums dy * x directly, split into pieces of 2b = 44 bits
-(a chunk's sum of them stays below 2^53 too): fewer dots than the pieces
+(a chunk's sum of them stays within 2^53 too): fewer dots than the pieces
 of dy times the pieces of x.
 
 Channels the pieces cannot take (a non-finite value, more than KMAX
@@ -38,8 +39,8 @@ import numpy as np
 
 __all__ = ["BITS", "CHUNK", "KMAX", "piece_sums"]
 
-BITS = 22                  # b: a piece is an integer of at most 22 bits (and a sign)
-CHUNK = 1 << 9             # values summed in float64 at once: 2^(2b) * 2^9 = 2^53
+BITS = 22                  # b: a piece is an integer of magnitude at most 2^22 in its unit
+CHUNK = 1 << 9             # values summed in float64 at once: 2^(2b) * 2^9 = 2^53, exact
 KMAX = 6                   # at most 6 pieces: W <= 132 bits; wider channels go the slow way
 _BLOCK = 1 << 17           # values per block: few NumPy calls per value (measured best of 2^15..2^17)
 _WHOLE = 1 << 17           # an array this small is one block, every channel at once
