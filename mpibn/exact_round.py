@@ -201,7 +201,6 @@ class Digits:
         a relative error below 2^-95 (hi = 0 for a zero value): the top seven digits,
         the ones below adding up to less than half a unit of the seventh."""
         d = self.d
-        n = d.shape[1]
         top = _top(d)
         idx = top[:, None] - np.arange(_TOP)
         g = np.where(idx >= 0, d[_rows(d), np.maximum(idx, 0)], 0).astype(np.float64)
@@ -211,7 +210,6 @@ class Digits:
         b = g1 * 65536.0
         s = hi + b
         lo = (b - (s - hi)) + g[:, 6]                                 # Fast2Sum: |hi| >= |b|
-        del n
         return s, lo, DIGIT * (top - (_TOP - 1) + self.base) + self.exp
 
 
