@@ -365,7 +365,7 @@ def sync_batch_norm_backward(dy, saved, *, exchange=None, training=None):
     exact = saved is not None and saved.exact     # with no usable saved only the error travels
     # This rank's local work: an exception in it travels as its problem (errors.guarded).
     problem, local = guarded(problem, lambda: _local_backward(dy, saved, exact))
-    dy3, xhat, sums = local if local is not None else (None, None, None)
+    dy3, sums = local if local is not None else (None, None)
     if not training:
         local_problem(problem, group, context)
     nonfinite = saved.nonfinite if saved is not None else "raise"
@@ -374,7 +374,7 @@ def sync_batch_norm_backward(dy, saved, *, exchange=None, training=None):
     tag = backward_tag(saved.tag) if saved is not None else NO_FORWARD_TAG
     if exact:
         mean_dy, mean_dy_xhat, sums = exact_backward_sums(
-            exchange, problem, dy3, xhat, saved.count if saved else None, training, context, tag,
+            exchange, problem, dy3, saved, training, context, tag,
             check=(lambda rows: _check_grad_finite(rows, group, context, exact=True))
             if nonfinite == "raise" else None)
     elif training:
@@ -383,8 +383,8 @@ def sync_batch_norm_backward(dy, saved, *, exchange=None, training=None):
         mean_dy = mean_dy_xhat = np.zeros(saved.x.shape[1])
     if training and nonfinite == "raise":
         _check_grad_means(mean_dy, mean_dy_xhat, context)
-    # xhat is None (formed block by block from x) unless the exact path made it.
-    dx = F.batch_norm_backward_elemt(dy3, xhat, saved.gamma, saved.inv_std, mean_dy, mean_dy_xhat,
+    # xhat = (x - mean) * inv_std is formed block by block from x, in both modes.
+    dx = F.batch_norm_backward_elemt(dy3, None, saved.gamma, saved.inv_std, mean_dy, mean_dy_xhat,
                                      out_dtype=saved.x.dtype, x=saved.x, mean=saved.mean)
     saved.used = True
     return dx.reshape(saved.shape), sums[1], sums[0]
@@ -440,18 +440,17 @@ def _backward_peers(saved, exchange, training):
 
 
 def _local_backward(dy, saved, exact):
-    """This rank's work before the collective: (dy3, xhat, sums).
+    """This rank's work before the collective: (dy3, sums).
 
     The default mode returns this rank's two sums, xhat = (x - mean) *
     inv_std formed block by block from what forward kept (it never exists in
-    full); exact mode returns xhat itself (float64, full size), which its
-    exact sums need.
+    full); exact mode's sums come with its exchange (``exact_backward_sums``).
     """
     dy3 = F.as_ncl(_native(dy))
     if exact:
-        return dy3, (saved.x - saved.mean[:, None]) * saved.inv_std[:, None], None
+        return dy3, None
     with np.errstate(over="ignore", invalid="ignore"):     # NaN and overflow: checked after the exchange
-        return dy3, None, F.batch_norm_backward_reduce(dy3, x=saved.x, mean=saved.mean, inv_std=saved.inv_std)
+        return dy3, F.batch_norm_backward_reduce(dy3, x=saved.x, mean=saved.mean, inv_std=saved.inv_std)
 
 
 # -- exact=True: exact sums -> the one Allreduce -> rounded once ---------------------------
@@ -465,16 +464,12 @@ def _local_backward(dy, saved, exact):
 #               mean = S1 / N, var = (N S2 - S1^2) / N^2, unbiased = ... / (N (N - 1))
 #               each correctly rounded to float64                     exact.exact_stats
 #
-# Backward: the same with u = dy and w = xhat (sum dy, sum dy * xhat), so dx
-# is a function of (x, dy, the rounded group sums) only: bitwise the same
-# however the group's batch is split. special_r carries the IEEE sums of
-# non-finite values (see mpibn.exact), so NaN/Inf checks work as in the
-# default mode.
-
-def _channels_last(a3):
-    """(N, C, L) -> (N * L, C), the layout ``exact.exact_sums`` takes."""
-    return a3.transpose(0, 2, 1).reshape(-1, a3.shape[1])
-
+# Backward: the same with u = dy and w = x (T1 = sum dy, T2 = sum dy * x),
+# then mean_dy = T1 / N and mean_dy_xhat = inv_std (T2 - mean T1) / N, each
+# rounded once (exact.backward_means), so dx is a function of (x, dy, the
+# rounded group sums) only: bitwise the same however the group's batch is
+# split. special_r carries the IEEE sums of non-finite values (see
+# mpibn.exact), so NaN/Inf checks work as in the default mode.
 
 def _exact_exchange(exchange, problem, u3, w3, context, tag):
     """Exact local sums of u and u*w (w = u when None) -> the one Allreduce.
@@ -488,8 +483,7 @@ def _exact_exchange(exchange, problem, u3, w3, context, tag):
     count, local, summed, own = 0, None, None, None
     # Local work cannot skip the collective (the rule of this module): an
     # exception in the exact sums travels as this rank's problem.
-    problem, own = guarded(problem, lambda: E.exact_sums(
-        _channels_last(u3), None if w3 is None else _channels_last(w3)))
+    problem, own = guarded(problem, lambda: E.exact_sums(u3, w3, balanced=True))
     if problem is None:
         count = u3.shape[0] * u3.shape[2]
         local, summed = own[2], np.concatenate(own[:2], axis=1)
@@ -507,20 +501,28 @@ def exact_statistics(x, problem, exchange, context, tag):
     return counts, rows, total, mean, var, unbiased
 
 
-def exact_backward_sums(exchange, problem, dy3, xhat, count, training, context, tag, check=None):
+def exact_backward_sums(exchange, problem, dy3, saved, training, context, tag, check=None):
     """(mean_dy, mean_dy_xhat, (own sum_dy, own sum_dy_xhat)), all correctly rounded.
 
-    training: one Allreduce for the group's sums over ``count``; otherwise
-    no communication and zero means (constant statistics). ``check(rows)``,
-    if given, runs on the exchanged rows (the IEEE sums of non-finite values)
-    before they are used."""
+    From the exact sums T1 = sum dy and T2 = sum dy * x of the x that
+    forward kept: mean_dy_xhat = inv_std (T2 - mean T1) / N
+    (``exact.backward_means``). training: one Allreduce for the group's
+    sums over ``saved.count``; otherwise no communication and zero means
+    (constant statistics). ``check(rows)``, if given, runs on the exchanged
+    rows (the IEEE sums, where non-finite values show) before they are used."""
+    x3 = saved.x if saved is not None else None
+    channels = exchange.channels if exchange is not None else saved.mean.shape[0]
     if training:
-        _, rows, (lin, prod), own = _exact_exchange(exchange, problem, dy3, xhat, context, tag)
+        _, rows, (lin, prod), own = _exact_exchange(exchange, problem, dy3, x3, context, tag)
         if check is not None:
             check(rows)
-        means = E.round_sums(lin, prod, count, rows.sum(axis=0))
-    else:
-        own = E.exact_sums(_channels_last(dy3), _channels_last(xhat))
-        means = (np.zeros(dy3.shape[1]), np.zeros(dy3.shape[1]))
-    # This rank's own dbeta and dgamma: its exact sums, rounded once.
-    return means[0], means[1], E.round_sums(own[0], own[1], 1, own[2])
+        # The group's means and this rank's own dbeta and dgamma (its exact
+        # sums over a count of 1) in one pass over both sets of limbs.
+        both = E.backward_means([saved.count] * channels + [1] * channels,
+                                np.concatenate([lin, own[0]]), np.concatenate([prod, own[1]]),
+                                np.tile(saved.mean, 2), np.tile(saved.inv_std, 2),
+                                np.concatenate([rows.sum(axis=0), own[2]], axis=1))
+        return both[0][:channels], both[1][:channels], (both[0][channels:], both[1][channels:])
+    own = E.exact_sums(dy3, x3, balanced=True)
+    zeros = np.zeros(channels)
+    return zeros, zeros, E.backward_means([1] * channels, own[0], own[1], saved.mean, saved.inv_std, own[2])
