@@ -37,7 +37,7 @@ import numpy as np
 from . import exact as E
 from . import functional as F
 from .comm import NO_FORWARD_TAG, GroupComm, RowExchange, backward_tag, make_exchange
-from .errors import Code, Problem, check_grad, check_input, guarded, local_problem, said_once
+from .errors import Code, Problem, check_alive, check_grad, check_input, guarded, local_problem, said_once
 from .fingerprint import fingerprint
 
 __all__ = ["sync_batch_norm", "sync_batch_norm_backward", "Saved"]
@@ -65,6 +65,7 @@ class Saved:
     tag: tuple                 # forward's (layer, call); backward sends comm.backward_tag of it
     exact: bool = False
     fingerprint: Any = None    # None: x is a private copy nobody else can change
+    nonfinite: str = "raise"   # backward checks dy's sums as forward checked x's
     used: bool = field(default=False, init=False)     # set by the one backward it may feed
 
 
@@ -120,6 +121,7 @@ def sync_batch_norm(x, gamma, beta, *, group_comm, eps=1e-5, training=True, runn
         group_comm = GroupComm(None, (0,), 0)     # no peers: plain batch norm
     problem, channels = guarded(None, lambda: _channels(gamma))
     context = _context("?" if channels is None else channels, "construct")
+    check_alive(group_comm, context)          # a stopped group runs nothing, eval included
     if problem is None:
         problem = check_input(x, channels)
     if problem is None and not x.dtype.isnative:
@@ -144,7 +146,8 @@ def sync_batch_norm(x, gamma, beta, *, group_comm, eps=1e-5, training=True, runn
     # the forward is one cheap pass: the sampled values only, not a full read.
     x_fingerprint = fingerprint(x3, full=training) if np.may_share_memory(x3, original) else None
     saved = Saved(x=x3, shape=x.shape, mean=mean, inv_std=inv_std, var=var, gamma=gamma, count=count,
-                  group_comm=group_comm, exchange=exchange, tag=tag, exact=exact, fingerprint=x_fingerprint)
+                  group_comm=group_comm, exchange=exchange, tag=tag, exact=exact, fingerprint=x_fingerprint,
+                  nonfinite=nonfinite)
     return y.reshape(x.shape), saved
 
 
@@ -176,10 +179,23 @@ def agreed_exchange(group_comm, channels, exact, problem, tag):
 
 
 def _local_moments(x):
-    # inf - inf is NaN here: no warning, the agreed check after the exchange reports it
-    with np.errstate(invalid="ignore"):
+    # inf - inf is NaN, and squares of 1e160 overflow: no warning, the agreed
+    # checks after the exchange report them (or nonfinite='propagate' asked for them)
+    with np.errstate(invalid="ignore", over="ignore"):
         count, mean, m2 = F.batch_norm_stats(F.as_ncl(x))
     return count, (mean, m2)
+
+
+def sum_overflow(a3, sums, nonfinite):
+    """Problem X_SUM_OVERFLOW when ``a3``'s per-channel sums are not finite although
+    its values are (|values| near 1e308), else None: without it the check after
+    the exchange would call a finite input "NaN or Inf". Reads a3 again, on this
+    failure path only."""
+    bad = ~np.isfinite(sums)
+    if nonfinite != "raise" or not bad.any():
+        return None
+    channels = [c for c in np.flatnonzero(bad) if np.isfinite(a3[:, c]).all()]
+    return Problem(Code.X_SUM_OVERFLOW, *channels[:8]) if channels else None
 
 
 def batch_statistics(x, problem, exchange, eps, context, tag, running_mean=None, running_var=None,
@@ -191,8 +207,11 @@ def batch_statistics(x, problem, exchange, eps, context, tag, running_mean=None,
     else:
         problem, moments = guarded(problem, lambda: _local_moments(x))
         count, local = moments if problem is None else (0, None)
+        if problem is None:
+            problem = sum_overflow(F.as_ncl(x), local[0], nonfinite)
         counts, rows = exchange.exchange(problem, count, local, context, tag)
-        total, mean, m2 = F.merge_stats(counts, rows[:, 0], rows[:, 1])
+        with np.errstate(over="ignore", invalid="ignore"):     # checked below
+            total, mean, m2 = F.merge_stats(counts, rows[:, 0], rows[:, 1])
     # The checks below read only what every rank of the group holds alike (the
     # rows, the moving statistics): they raise on every rank or on none, with
     # no communication (the second way errors are agreed: mpibn/errors.py).
@@ -201,9 +220,12 @@ def batch_statistics(x, problem, exchange, eps, context, tag, running_mean=None,
                          f"{total} over group ranks {list(group_comm.ranks)} "
                          f"(per-rank counts {counts.astype(int).tolist()})")
     if nonfinite == "raise":
-        _check_finite(rows, group_comm, context)
+        _check_finite(rows, group_comm, context, exact)
     if not exact:
-        var, unbiased = m2 / total, m2 / (total - 1)
+        with np.errstate(over="ignore", invalid="ignore"):
+            var, unbiased = m2 / total, m2 / (total - 1)
+    if nonfinite == "raise":
+        _check_group_finite(mean, var, context)
     with np.errstate(over="ignore"):      # overflow is checked (or asked for) below
         new_mean = _moving(running_mean, mean, momentum)
         new_var = _moving(running_var, unbiased, momentum)
@@ -239,17 +261,71 @@ def _check_moving_finite(new_mean, new_var, context):
                 f"unchanged (use a wider dtype, or nonfinite='propagate' to store the Inf)")
 
 
-def _check_finite(rows, group_comm, context):
+def _check_finite(rows, group_comm, context, exact=False):
+    """Every rank's row finite, else the agreed FloatingPointError naming each rank and
+    channel: NaN or Inf in x (its mean is not finite), or a finite x whose variance
+    overflows float64 (its mean is finite, its m2 is not). Exact mode's rows carry
+    only the IEEE sums of non-finite values: there any is NaN or Inf."""
     if np.isfinite(rows).all():                   # every call's path: one test
         return
-    bad = ~np.isfinite(rows).all(axis=1)          # (P, C)
+    nonfinite_x = ~np.isfinite(rows).all(axis=1) if exact else ~np.isfinite(rows[:, 0])    # (P, C)
+    overflow = ~nonfinite_x & ~np.isfinite(rows).all(axis=1)
+    said = []
+    if nonfinite_x.any():
+        said.append(f"NaN or Inf in the training batch at {_where(nonfinite_x, group_comm)}")
+    if overflow.any():
+        said.append(f"the variance overflows float64 at {_where(overflow, group_comm)} (x is finite, but "
+                    f"the squares of its deviations from the mean exceed 1.8e308)")
+    raise FloatingPointError(f"{context}: {'; '.join(said)}; moving statistics left unchanged (pass "
+                             f"nonfinite='propagate' to let IEEE values through)")
+
+
+def _where(bad, group_comm):
+    """'rank 3 channel 1, rank 0 channel 2' for a (P, C) mask (8 at most, then a count)."""
+    where = [(group_comm.ranks[r], c) for r, c in zip(*np.nonzero(bad))]
+    listed = ", ".join(f"rank {r} channel {c}" for r, c in where[:8])
+    return listed + (f" and {len(where) - 8} more" if len(where) > 8 else "")
+
+
+def _check_group_finite(mean, var, context):
+    """Every rank's moments are finite here; merging them can still overflow (ranks
+    whose means differ by 1e154 or more). The same verdict on every rank: all hold
+    the same rows."""
+    bad = ~(np.isfinite(mean) & np.isfinite(var))
     if bad.any():
-        where = [(group_comm.ranks[r], c) for r, c in zip(*np.nonzero(bad))]
-        listed = ", ".join(f"rank {r} channel {c}" for r, c in where[:8])
-        more = f" and {len(where) - 8} more" if len(where) > 8 else ""
-        raise FloatingPointError(f"{context}: NaN or Inf in the training batch at {listed}{more}; "
-                                 f"moving statistics left unchanged (pass nonfinite='propagate' "
-                                 f"to let IEEE values through)")
+        raise FloatingPointError(
+            f"{context}: the group's batch variance overflows float64 at channel(s) "
+            f"{np.flatnonzero(bad)[:8].tolist()} (every rank's values are finite, but their spread "
+            f"exceeds 1.3e154); moving statistics left unchanged (scale the input down)")
+
+
+def _check_grad_finite(rows, group_comm, context, exact=False):
+    """Backward's rows [sum dy, sum dy*xhat] finite, else the agreed FloatingPointError
+    naming each rank and channel (sum dy not finite: NaN or Inf in dy; only
+    sum dy*xhat: it overflows). Exact mode's rows carry only the IEEE sums of
+    non-finite values."""
+    if np.isfinite(rows).all():
+        return
+    nonfinite_dy = ~np.isfinite(rows).all(axis=1) if exact else ~np.isfinite(rows[:, 0])
+    overflow = ~nonfinite_dy & ~np.isfinite(rows).all(axis=1)
+    said = []
+    if nonfinite_dy.any():
+        said.append(f"NaN or Inf in dy at {_where(nonfinite_dy, group_comm)}")
+    if overflow.any():
+        said.append(f"sum(dy * xhat) overflows float64 at {_where(overflow, group_comm)} (dy is finite "
+                    f"but too large)")
+    raise FloatingPointError(f"{context}: {'; '.join(said)}; no gradient was computed (pass "
+                             f"nonfinite='propagate' to the layer to let IEEE values through)")
+
+
+def _check_grad_means(mean_dy, mean_dy_xhat, context):
+    """Every rank's sums are finite here; the group's can still overflow. The same
+    verdict on every rank (the same rows, added in the same order)."""
+    bad = ~(np.isfinite(mean_dy) & np.isfinite(mean_dy_xhat))
+    if bad.any():
+        raise FloatingPointError(f"{context}: the group's sums of dy and dy * xhat overflow float64 at "
+                                 f"channel(s) {np.flatnonzero(bad)[:8].tolist()} (dy is finite but too "
+                                 f"large); no gradient was computed")
 
 
 def sync_batch_norm_backward(dy, saved, *, exchange=None, training=None):
@@ -283,30 +359,47 @@ def sync_batch_norm_backward(dy, saved, *, exchange=None, training=None):
     channels = saved.mean.shape[0] if saved is not None else exchange.channels if exchange else "?"
     context = _context(channels, "backward")
     group = exchange.group if exchange else None
+    check_alive(saved.group_comm if saved is not None else group, context)    # fail-stop
     if not training:
         local_problem(problem, group, context)      # no peer waits: raise on this rank alone
     exact = saved is not None and saved.exact     # with no usable saved only the error travels
     # This rank's local work: an exception in it travels as its problem (errors.guarded).
     problem, local = guarded(problem, lambda: _local_backward(dy, saved, exact))
-    dy3, xhat, sums = local if local is not None else (None, None, None)
+    dy3, sums = local if local is not None else (None, None)
     if not training:
         local_problem(problem, group, context)
+    nonfinite = saved.nonfinite if saved is not None else "raise"
+    if problem is None and sums is not None and training:
+        problem = sum_overflow(dy3, sums[0], nonfinite)
     tag = backward_tag(saved.tag) if saved is not None else NO_FORWARD_TAG
     if exact:
         mean_dy, mean_dy_xhat, sums = exact_backward_sums(
-            exchange, problem, dy3, xhat, saved.count if saved else None, training, context, tag)
+            exchange, problem, dy3, saved, training, context, tag,
+            check=(lambda rows: _check_grad_finite(rows, group, context, exact=True))
+            if nonfinite == "raise" else None)
     elif training:
-        _, rows = exchange.exchange(problem, 0, sums, context, tag)
-        # Added in rank order on every rank: bitwise the same dx everywhere.
-        group_sum_dy, group_sum_dy_xhat = rows.sum(axis=0)
-        mean_dy, mean_dy_xhat = group_sum_dy / saved.count, group_sum_dy_xhat / saved.count
+        mean_dy, mean_dy_xhat = _group_means(exchange, problem, sums, saved, context, tag, nonfinite)
     else:
         mean_dy = mean_dy_xhat = np.zeros(saved.x.shape[1])
-    # xhat is None (formed block by block from x) unless the exact path made it.
-    dx = F.batch_norm_backward_elemt(dy3, xhat, saved.gamma, saved.inv_std, mean_dy, mean_dy_xhat,
+    if training and nonfinite == "raise":
+        _check_grad_means(mean_dy, mean_dy_xhat, context)
+    # xhat = (x - mean) * inv_std is formed block by block from x, in both modes.
+    dx = F.batch_norm_backward_elemt(dy3, None, saved.gamma, saved.inv_std, mean_dy, mean_dy_xhat,
                                      out_dtype=saved.x.dtype, x=saved.x, mean=saved.mean)
     saved.used = True
     return dx.reshape(saved.shape), sums[1], sums[0]
+
+
+def _group_means(exchange, problem, sums, saved, context, tag, nonfinite):
+    """The one backward Allreduce of the default mode: the group's mean dy and dy * xhat.
+    (With a problem flagged, ``saved`` may be None: the exchange raises.)"""
+    _, rows = exchange.exchange(problem, 0, sums, context, tag)
+    if nonfinite == "raise":
+        _check_grad_finite(rows, exchange.group, context)
+    # Added in rank order on every rank: bitwise the same dx everywhere.
+    with np.errstate(over="ignore", invalid="ignore"):       # checked by the caller
+        group_sum_dy, group_sum_dy_xhat = rows.sum(axis=0)
+    return group_sum_dy / saved.count, group_sum_dy_xhat / saved.count
 
 
 def _backward_problem(dy, saved, training):
@@ -347,17 +440,17 @@ def _backward_peers(saved, exchange, training):
 
 
 def _local_backward(dy, saved, exact):
-    """This rank's work before the collective: (dy3, xhat, sums).
+    """This rank's work before the collective: (dy3, sums).
 
     The default mode returns this rank's two sums, xhat = (x - mean) *
     inv_std formed block by block from what forward kept (it never exists in
-    full); exact mode returns xhat itself (float64, full size), which its
-    exact sums need.
+    full); exact mode's sums come with its exchange (``exact_backward_sums``).
     """
     dy3 = F.as_ncl(_native(dy))
     if exact:
-        return dy3, (saved.x - saved.mean[:, None]) * saved.inv_std[:, None], None
-    return dy3, None, F.batch_norm_backward_reduce(dy3, x=saved.x, mean=saved.mean, inv_std=saved.inv_std)
+        return dy3, None
+    with np.errstate(over="ignore", invalid="ignore"):     # NaN and overflow: checked after the exchange
+        return dy3, F.batch_norm_backward_reduce(dy3, x=saved.x, mean=saved.mean, inv_std=saved.inv_std)
 
 
 # -- exact=True: exact sums -> the one Allreduce -> rounded once ---------------------------
@@ -371,30 +464,26 @@ def _local_backward(dy, saved, exact):
 #               mean = S1 / N, var = (N S2 - S1^2) / N^2, unbiased = ... / (N (N - 1))
 #               each correctly rounded to float64                     exact.exact_stats
 #
-# Backward: the same with u = dy and w = xhat (sum dy, sum dy * xhat), so dx
-# is a function of (x, dy, the rounded group sums) only: bitwise the same
-# however the group's batch is split. special_r carries the IEEE sums of
-# non-finite values (see mpibn.exact), so NaN/Inf checks work as in the
-# default mode.
-
-def _channels_last(a3):
-    """(N, C, L) -> (N * L, C), the layout ``exact.exact_sums`` takes."""
-    return a3.transpose(0, 2, 1).reshape(-1, a3.shape[1])
-
+# Backward: the same with u = dy and w = x (T1 = sum dy, T2 = sum dy * x),
+# then mean_dy = T1 / N and mean_dy_xhat = inv_std (T2 - mean T1) / N, each
+# rounded once (exact.backward_means), so dx is a function of (x, dy, the
+# rounded group sums) only: bitwise the same however the group's batch is
+# split. special_r carries the IEEE sums of non-finite values (see
+# mpibn.exact), so NaN/Inf checks work as in the default mode.
 
 def _exact_exchange(exchange, problem, u3, w3, context, tag):
     """Exact local sums of u and u*w (w = u when None) -> the one Allreduce.
 
     Returns (counts (P,), rows (P, 2, C), the group's limbs (lin, prod),
     this rank's own (lin, prod, special) or None)."""
-    if exchange.summed_width != E.SUMMED_WIDTH * exchange.channels:
-        raise ValueError(f"{context}: exact=True needs an exchange made by "
-                         f"mpibn.sync_exact.make_exchange(..., exact=True)")
+    if problem is None and exchange.summed_width != E.SUMMED_WIDTH * exchange.channels:
+        # Not raised here: the peers are on their way into the Allreduce. This
+        # rank joins it with the problem flagged, and every rank raises.
+        problem = Problem(Code.EXCHANGE_NOT_EXACT)
     count, local, summed, own = 0, None, None, None
     # Local work cannot skip the collective (the rule of this module): an
     # exception in the exact sums travels as this rank's problem.
-    problem, own = guarded(problem, lambda: E.exact_sums(
-        _channels_last(u3), None if w3 is None else _channels_last(w3)))
+    problem, own = guarded(problem, lambda: E.exact_sums(u3, w3, balanced=True))
     if problem is None:
         count = u3.shape[0] * u3.shape[2]
         local, summed = own[2], np.concatenate(own[:2], axis=1)
@@ -412,16 +501,28 @@ def exact_statistics(x, problem, exchange, context, tag):
     return counts, rows, total, mean, var, unbiased
 
 
-def exact_backward_sums(exchange, problem, dy3, xhat, count, training, context, tag):
+def exact_backward_sums(exchange, problem, dy3, saved, training, context, tag, check=None):
     """(mean_dy, mean_dy_xhat, (own sum_dy, own sum_dy_xhat)), all correctly rounded.
 
-    training: one Allreduce for the group's sums over ``count``; otherwise
-    no communication and zero means (constant statistics)."""
+    From the exact sums T1 = sum dy and T2 = sum dy * x of the x that
+    forward kept: mean_dy_xhat = inv_std (T2 - mean T1) / N
+    (``exact.backward_means``). training: one Allreduce for the group's
+    sums over ``saved.count``; otherwise no communication and zero means
+    (constant statistics). ``check(rows)``, if given, runs on the exchanged
+    rows (the IEEE sums, where non-finite values show) before they are used."""
+    x3 = saved.x if saved is not None else None
+    channels = exchange.channels if exchange is not None else saved.mean.shape[0]
     if training:
-        _, rows, (lin, prod), own = _exact_exchange(exchange, problem, dy3, xhat, context, tag)
-        means = E.round_sums(lin, prod, count, rows.sum(axis=0))
-    else:
-        own = E.exact_sums(_channels_last(dy3), _channels_last(xhat))
-        means = (np.zeros(dy3.shape[1]), np.zeros(dy3.shape[1]))
-    # This rank's own dbeta and dgamma: its exact sums, rounded once.
-    return means[0], means[1], E.round_sums(own[0], own[1], 1, own[2])
+        _, rows, (lin, prod), own = _exact_exchange(exchange, problem, dy3, x3, context, tag)
+        if check is not None:
+            check(rows)
+        # The group's means and this rank's own dbeta and dgamma (its exact
+        # sums over a count of 1) in one pass over both sets of limbs.
+        both = E.backward_means([saved.count] * channels + [1] * channels,
+                                np.concatenate([lin, own[0]]), np.concatenate([prod, own[1]]),
+                                np.tile(saved.mean, 2), np.tile(saved.inv_std, 2),
+                                np.concatenate([rows.sum(axis=0), own[2]], axis=1))
+        return both[0][:channels], both[1][:channels], (both[0][channels:], both[1][channels:])
+    own = E.exact_sums(dy3, x3, balanced=True)
+    zeros = np.zeros(channels)
+    return zeros, zeros, E.backward_means([1] * channels, own[0], own[1], saved.mean, saved.inv_std, own[2])

@@ -26,7 +26,7 @@ import sys
 
 CS = (64, 256, 1024, 2048)
 PS = (2, 4, 8, 16, 64, 256, 1024, 4096)
-EXACT_PER_CHANNEL = 202           # float64 limbs per channel (mpibn/exact.py SHARED_WIDTH)
+EXACT_PER_CHANNEL = 202           # float64 limbs per channel (mpibn/exact.py SUMMED_WIDTH)
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 

@@ -11,8 +11,10 @@ all ranks (float64; the plain norm where ||e|| = 0; "inf" or "nan" as strings
 where the backend gave non-finite numbers) of every quantity, against the
 golden values; the verdict by the rubric of docs/conformance.md:
 "pass" when every quantity is within ``mpibn verify``'s tolerance
-(``mpibn.verify.compare_quantity``: max abs <= 32 eps of the result dtype
-times max |e|); otherwise the failing quantities are recomputed under the
+(``mpibn.verify.compare_quantity``: max abs <= 32 eps of the SCENARIO's
+dtype times max |e|, less precision than that or NaN/inf where mpibn is
+finite failing whatever the tolerance; a quantity some rank lacks is a
+defect); otherwise the failing quantities are recomputed under the
 peer's convention (``peer_convention.recompute`` with the --peer-* knobs):
 within tolerance there -> "convention"; else, if the difference from that
 recomputation is within ACCURACY_ULPS times the change a one-ulp change of
@@ -33,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from peer_convention import recompute  # noqa: E402
 
 from mpibn.golden import array_dtype  # noqa: E402
-from mpibn.verify import IN_SCENARIO_DTYPE, compare_quantity, load_manifest, load_npz, scenario_dtype  # noqa: E402
+from mpibn.verify import VERDICT_RULE, compare_quantity, load_manifest, load_npz  # noqa: E402
 
 #: An accuracy limit: the difference from the peer-convention reference is at most this many times
 #: what a one-ulp change of every input can cause (first order; docs/conformance.md, "Rubric").
@@ -75,18 +77,19 @@ def score_scenario(golden, results, name, s, peer):
     golden_files = [load_npz(os.path.join(golden, f), list(keys) + ["x", "dy", "gamma", "beta", "moving_mean0",
                                                                      "moving_var0"]) for f in s["files"]]
     result_files = [load_npz(os.path.join(results, f), keys, missing_ok=True) for f in s["files"]]
-    errors, failing = {}, []
+    errors, failing, missing = {}, [], []
     for k in keys:
         if not all(k in f for f in result_files):
+            # Never silently skipped: a quantity some rank lacks is off under any convention.
             errors[k] = None
+            missing.append(k)
             continue
         pairs = [(g[k], r[k]) for g, r in zip(golden_files, result_files)]
         errors[k] = normwise(pairs)
-        dtype = scenario_dtype(s) if k in IN_SCENARIO_DTYPE else None
-        if not compare_quantity(pairs, dtype=dtype).passed:
+        if not compare_quantity(pairs, s["dtype"]).passed:
             failing.append(k)
     entry = {"verdict": "pass", "errors": errors}
-    if not failing:
+    if not failing and not missing:
         return entry
     theirs = recompute(s, golden_files, **peer)
     u = float(np.finfo(array_dtype(s["dtype"])).eps) / 2           # one ulp of the input's dtype
@@ -96,8 +99,7 @@ def score_scenario(golden, results, name, s, peer):
         ref_finite = all(np.isfinite(p[0]).all() for p in pairs)
         # NaN under the peer's convention (e.g. the mean of an empty device's mean) is no match.
         peer_errors[k] = normwise(pairs) if ref_finite else "nan"
-        dtype = scenario_dtype(s) if k in IN_SCENARIO_DTYPE else None
-        if ref_finite and compare_quantity(pairs, dtype=dtype).passed:
+        if ref_finite and compare_quantity(pairs, s["dtype"]).passed:
             continue
         ulps[k] = input_ulps(pairs, [theirs[r]["bound_" + k] for r in range(len(result_files))], u) \
             if ref_finite else float("inf")
@@ -106,12 +108,13 @@ def score_scenario(golden, results, name, s, peer):
     entry["input_ulps"] = {k: (v if np.isfinite(v) else "inf") for k, v in ulps.items()}
     conv = [k for k in failing if k not in ulps]
     said = "; ".join(part for part in (
+        f"missing on some rank: {', '.join(missing)}" if missing else "",
         f"convention: {', '.join(conv)}" if conv else "",
         "accuracy limit (within %d input ulps): %s" % (ACCURACY_ULPS, ", ".join(
             f"{k} {ulps[k]:.2g}" for k in limits)) if limits else "",
         "defect (beyond the convention and %d input ulps): %s" % (ACCURACY_ULPS, ", ".join(
             f"{k} {_ulps_text(ulps[k])}" for k in still)) if still else "") if part)
-    entry["verdict"] = "defect" if still else "accuracy" if limits else "convention"
+    entry["verdict"] = "defect" if still or missing else "accuracy" if limits else "convention"
     entry["note"] = said
     return entry
 
@@ -170,7 +173,7 @@ def main(argv=None):
            "golden": f"{manifest['format']} format_version {manifest['format_version']}, mpibn "
                      f"{manifest.get('mpibn_version')} ({manifest.get('statistics_mode')}), "
                      f"{manifest['ranks']} ranks; scored with mpibn {__version__}",
-           "convention": args.convention,
+           "convention": args.convention, "verdict_rule": VERDICT_RULE,
            "peer_convention_recomputed": {k: (str(v) if v is not None else None) for k, v in peer.items()},
            "rubric": {"accuracy_input_ulps": ACCURACY_ULPS},
            "scenarios": scenarios}
