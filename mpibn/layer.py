@@ -135,15 +135,16 @@ class SyncBatchNorm:
         process. ``comm=`` is required and only needs ``Get_size()``
         (process_groups are checked against it); every argument is checked
         as the constructor checks it. Skipped: the Split (``group_comm`` is
-        the group) and the construction agreement, since one caller builds
-        every rank's layer from one set of arguments (and there is no
-        communicator to gather over).
+        the group, always a new one) and the allgather of the construction
+        agreement (``mpibn.testing`` compares ``agreed_fields()`` of its
+        simulated ranks itself).
         """
         bound = inspect.signature(cls).bind(*args, **kwargs)
         bound.apply_defaults()
         arguments = dict(bound.arguments)
         layer = cls.__new__(cls)
         layer.comm = arguments.pop("comm")
+        layer._shared_group = False
         layer._init_local(**arguments)
         layer._join(group_comm)
         return layer
