@@ -302,7 +302,11 @@ def write(out, comm=None, names=None, dtype="float32", exact=True):
     for name, s in chosen.items():
         data = run_scenario(comm, s)
         os.makedirs(os.path.join(out, name), exist_ok=True)
-        np.savez(os.path.join(out, name, f"rank{rank}.npz"), **{k: storable(v) for k, v in data.items()})
+        # The format: y, dx, x, dy in the scenario's dtype (bfloat16 as float32), the rest float64
+        # (a float32 parameter dtype's values, exact in float64).
+        np.savez(os.path.join(out, name, f"rank{rank}.npz"),
+                 **{k: storable(v) if k in ("x", "dy", "y", "dx") else np.asarray(v, np.float64)
+                    for k, v in data.items()})
     comm.Barrier()
     if rank == 0:
         with open(os.path.join(out, "manifest.json"), "w") as f:
