@@ -80,7 +80,7 @@ def render(directory, md_link_prefix="conformance/"):
            "Each cell: the verdict, then the normwise relative errors ||a - e||_2 / ||e||_2 over all ranks "
            "of y, dx, batch_var (bv) and moving_var (mv) against mpibn's golden values (exact statistics; "
            "`python -m mpibn golden`, 4 ranks, 2 steps). Verdicts: **pass** (every quantity within "
-           "`mpibn verify`'s tolerance, 32 eps of the result dtype, normwise); **CONV** (a convention "
+           "`mpibn verify`'s tolerance, 32 machine epsilons of the result dtype (64 u, u the unit roundoff), normwise); **CONV** (a convention "
            "difference: off under mpibn's convention, within tolerance once the reference is recomputed "
            "under the framework's documented convention); **DEFECT** (off under both; bug report linked "
            "below); **defect (accuracy)** (off under both, but only by the rounding of the arithmetic the framework "
