@@ -13,6 +13,9 @@ Grammar (one comment; parts separated by new lines or by `` | ``)::
          ...
     -->
 
+A fenced or indented code block right after the marker is the quote
+(indented blocks are dedented); otherwise the paragraph is.
+
 COMMAND is what a reader would type, run from the repository root:
 ``python``/``python3`` run this interpreter, ``mpibn`` is
 ``python -m mpibn``, ``mpiexec`` the one mpibn's own commands start. The *quote* is what follows the comment: the next
@@ -26,6 +29,10 @@ Checks:
     number of output lines; a line ending in ``...`` matches an output line
     that starts like it. Text must match exactly; numbers exactly, or within
     the tolerance (``abs 1e-14``, ``rel 1e-3``, or both: either suffices).
+
+``part exact`` | ``part abs T`` | ``part rel T``
+    The quote (a fenced block, or a paragraph such as a table) is a run of
+    consecutive output lines, compared as ``block`` compares.
 
 ``[max|min] `REGEX` = VALUE [abs T] [rel T]``
     Every number the regex finds in the output (in its first group, else in
@@ -50,7 +57,9 @@ Options: ``stage: system`` (slow: runs in the system stage),
 ``requires: numpy>=2`` (the quote is that major version's output),
 ``timeout: SECONDS`` (default 300), ``recorded: PATH`` (the output is
 the file PATH, written by an earlier run of COMMAND, for measurements that
-need hardware or hours; the command is how to redo it), ``env: NAME=VALUE``.
+need hardware or hours; the command is how to redo it), ``measured-by:
+COMMAND2`` (COMMAND renders a file of measurements that COMMAND2 wrote; for
+timings, which a test cannot repeat), ``env: NAME=VALUE``.
 """
 import os
 import re
@@ -129,14 +138,15 @@ def _tolerances(words, where):
 
 
 def parse_check(text, where):
-    if text.startswith("block"):
+    kind = text.split()[0] if text.split() else ""
+    if kind in ("block", "part"):
         words = text.split()[1:]
         if words == ["exact"]:
-            return Check("block", text)
+            return Check(kind, text)
         abs_tol, rel_tol = _tolerances(words, where)
         if abs_tol is None and rel_tol is None:
-            raise ValueError(f"{where}: 'block' needs 'exact' or a tolerance")
-        return Check("block", text, abs_tol=abs_tol, rel_tol=rel_tol)
+            raise ValueError(f"{where}: '{kind}' needs 'exact' or a tolerance")
+        return Check(kind, text, abs_tol=abs_tol, rel_tol=rel_tol)
     m = CLAIM.match(text)
     if not m:
         raise ValueError(f"{where}: cannot read check {text!r}")
@@ -178,6 +188,16 @@ def _quote(text, start):
                 return "\n".join(body), True
             body.append(line[len(indent):] if line.startswith(indent) else line)
         raise ValueError("unterminated code block")
+    if lines and lines[0].startswith("    "):
+        # An indented code block: its lines (blank ones inside it too), dedented.
+        body = []
+        for k, line in enumerate(lines):
+            if line.strip() and not line.startswith("    "):
+                break
+            if not line.strip() and not any(m.startswith("    ") for m in lines[k + 1:k + 2]):
+                break
+            body.append(line[4:])
+        return "\n".join(body).rstrip("\n"), True
     para = []
     for k, line in enumerate(lines):
         if not line.strip():
@@ -214,7 +234,8 @@ def markers_in(path):
         command, checks, options = parts[0], [], {}
         for part in parts[1:]:
             key, sep, value = part.partition(":")
-            if sep and key.strip() in ("stage", "timeout", "recorded", "env", "requires") and "`" not in key:
+            if sep and key.strip() in ("stage", "timeout", "recorded", "measured-by", "env", "requires") \
+                    and "`" not in key:
                 options.setdefault(key.strip(), value.strip()) if key.strip() != "env" else \
                     options.setdefault("env", []).append(value.strip())
                 continue
@@ -225,7 +246,7 @@ def markers_in(path):
             raise ValueError(f"{where}: stage must be serial or system")
         quote, fenced = _quote(text, m.end())
         if any(c.kind == "block" for c in checks) and not fenced:
-            raise ValueError(f"{where}: a 'block' check needs a fenced code block after the marker")
+            raise ValueError(f"{where}: a 'block' check needs a code block after the marker")
         found.append(Marker(rel, line, command, checks, quote, fenced, options))
     return found
 
@@ -371,6 +392,8 @@ def check_problems(marker, check, out):
     """None when the check holds against the output, else a message."""
     if check.kind == "block":
         return block_problems(marker.quote, out, check.abs_tol, check.rel_tol)
+    if check.kind == "part":
+        return block_problems("...\n" + marker.quote + "\n...", out, check.abs_tol, check.rel_tol)
     try:
         got = _numbers(check, out)
     except AssertionError as exc:
