@@ -48,13 +48,14 @@ def table():
     print("2(P-1)/P of it in a ring Allreduce and (P-1)/P in a ring Allgather of the rows.")
     print(f"exact limbs: the O(C) summed region of exact=True, {EXACT_PER_CHANNEL} float64 per channel "
           f"whatever P (plus {HEADER} header numbers).\n")
-    print("| P | " + " | ".join(f"C={c}: rows / Allreduce sends / Allgather sends" for c in CS) + " |")
+    print("Each cell: rows / Allreduce sends / Allgather sends.\n")
+    print("| P | " + " | ".join(f"C={c}" for c in CS) + " |")
     print("|---|" + "---|" * len(CS))
     for p in PS:
         cells = [f"{human(rows_bytes(p, c))} / {human(2 * (p - 1) / p * rows_bytes(p, c))} / "
                  f"{human((p - 1) / p * rows_bytes(p, c))}" for c in CS]
         print(f"| {p} | " + " | ".join(cells) + " |")
-    print("| exact limbs (any P) | " + " | ".join(human(8 * (EXACT_PER_CHANNEL * c + HEADER)) for c in CS) + " |")
+    print("| exact limbs, any P | " + " | ".join(human(8 * (EXACT_PER_CHANNEL * c + HEADER)) for c in CS) + " |")
     cross = {c: (EXACT_PER_CHANNEL * c + HEADER) / (2 * c + HEADER) for c in CS}
     print("\nrows exceed the exact O(C) buffer from P > " +
           ", ".join(f"{v:.0f} (C={c})" for c, v in cross.items()))
