@@ -134,6 +134,36 @@ def test_a_block_must_be_the_output(tmp_path):
     assert _problems(missing)                                       # lines left out need '...'
 
 
+def test_a_part_is_consecutive_output_lines_and_indented_code_is_a_quote(tmp_path):
+    table = _marker(tmp_path, """\
+        <!-- output: x | part abs 1e-12 -->
+        rank 0: mean 4.935489284073 err 1.4e-15
+        rank 1: mean 4.935489284073 err 1.6e-15
+        """)
+    assert _problems(table) == []
+    gap = _marker(tmp_path, """\
+        <!-- output: x | part exact -->
+        header line
+        rank 1: mean 4.935489284073 err 1.6e-15
+        """)
+    assert _problems(gap)                                           # not consecutive
+    indented = _marker(tmp_path, """\
+        <!-- output: x | block exact -->
+
+            header line
+            rank 0: mean 4.935489284073 err 1.4e-15
+
+            rank 1: mean 4.935489284073 err 1.6e-15
+            final loss 0.539870275272, accuracies 0.927 0.930 0.903 0.940
+
+        After the block.
+        """)
+    assert indented.fenced and "After" not in indented.quote
+    assert _problems(indented)                                      # the blank line is not output
+    indented.quote = indented.quote.replace("\n\n", "\n")
+    assert _problems(indented) == []
+
+
 def test_a_quoted_number_must_be_what_the_program_prints(tmp_path):
     ok = _marker(tmp_path, """\
         <!-- output: x | `final loss (\\S+),` = 0.540 | min `accuracies (.*)$` = 0.903 -->
