@@ -38,7 +38,6 @@ from fractions import Fraction
 
 import numpy as np
 
-from mpibn.blocks import plan
 from mpibn.functional import batch_norm_stats, merge_stats
 
 SHARDS = (400, 300, 200, 100)
@@ -97,6 +96,7 @@ def summation_factor(shape):
     (``mpibn.blocks.plan``): each block's sum is one dot product over m values
     of the channel (worst case m - 1 roundings, Higham ch. 4), and the
     channel's n / m block results are then added one after the other."""
+    from mpibn.blocks import plan        # the kernels' own plan: the bound follows the code
     n = shape[0] * shape[2]
     layout = plan(shape)
     m = n if layout == "whole" else layout[0] * layout[2]
