@@ -82,6 +82,21 @@ def test_quoted_output_of_slow_programs(marker):
     _check(marker)
 
 
+def test_the_conformance_page_is_the_rendering_of_its_measurements():
+    # docs/conformance.md quotes some thousand numbers; each column file in
+    # docs/conformance/ is the recorded output of one framework's run
+    # (scripts/conformance/column.py), and the page must be their rendering.
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "conformance_report", os.path.join(ROOT, "scripts", "conformance", "report.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    with open(os.path.join(ROOT, "docs", "conformance.md"), encoding="utf-8") as f:
+        page = f.read()
+    assert page == report.render(os.path.join(ROOT, "docs", "conformance")), \
+        "docs/conformance.md is not what python scripts/conformance/report.py renders"
+
+
 # -- the checker fails when it should ------------------------------------------------------
 
 def _marker(tmp_path, text):
