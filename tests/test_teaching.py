@@ -105,8 +105,9 @@ def test_derivation_opens_with_the_one_round_argument():
 
 
 def _anchor(heading):
-    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to '-'."""
-    text = re.sub(r"[`*_]", "", heading.strip().lower())
+    """GitHub's anchor for a heading: lower case, punctuation dropped (but '_', a
+    connector, stays: `assert_matches` gives assert_matches), spaces to '-'."""
+    text = re.sub(r"[`*]", "", heading.strip().lower())
     text = re.sub(r"[^\w\- ]", "", text)
     return text.replace(" ", "-")
 
