@@ -19,7 +19,7 @@ bitwise as it was sent, whatever order or tree the MPI library used (only a
 -0.0 comes back as +0.0), and the caller combines the rows in rank order
 itself. Why, and why an Allreduce rather than an Allgather (a choice for
 simplicity: one code path for both modes; in the default mode an Allgather
-would move about half the bytes): docs/derivation.md, section 1. The
+would move about half the bytes): docs/derivation.md, sections 1 and 7. The
 price is P rows instead of one: P * (12 + 2C) numbers, small next to the
 activations for any realistic P.
 

@@ -101,20 +101,21 @@ def batch_norm_stats(x):
 
         d = x - K,   mean = K + sum(d)/n,   m2 = sum(d^2) - sum(d)^2/n
 
-    Its relative rounding error is of order u * (f(n) + n (mean - K)^2 / m2)
-    (u the unit roundoff, f(n) the growth of rounding error with the length
-    of the sums: at most about blocks.BLOCK + n/blocks.BLOCK in the worst case, since the
-    sums are BLAS dots of blocks added in order, and about sqrt(n) when the
-    rounding errors have random signs; measured errors: derivation.md,
-    section 7, "One shard's moments"), whatever |mean|/std: x - K is (nearly)
-    exact where x is close to K. K is the mean of the first ceil(B/16)
-    samples (the head; all of x when x.size <= SMALL_SHARD, counting every
-    channel: then this is the classic two-pass algorithm), and the head's own
-    deviations bound the extra term: n_head (K - mean)^2 <= sum_head (x -
-    mean)^2 <= m2, so n (mean - K)^2 / m2 <= n / n_head <= 16 for any data.
-    So m2 is as accurate as with the exact mean as shift, and x is read from
-    memory once (plus the head), one cache-sized block at a time
-    (``mpibn.blocks``). An empty shard gives (0, 0, 0).
+    Its relative rounding error is of order u * f(n) * (1 + kappa), with
+    kappa = n (mean - K)^2 / m2 (Chan, Golub and LeVeque's bound for the
+    textbook formula on data shifted by K; u the unit roundoff, f(n) the
+    growth of rounding error with the length of the sums, which the block
+    plan of ``mpibn.blocks`` decides), whatever |mean|/std: x - K is
+    (nearly) exact where x is close to K. K is the mean of the first
+    ceil(B/16) samples (the head; all of x when x.size <= SMALL_SHARD,
+    counting every channel: then this is the classic two-pass algorithm),
+    and the head's own deviations bound kappa: n_head (K - mean)^2 <=
+    sum_head (x - mean)^2 <= m2, so kappa <= n / n_head <= 16 for any data,
+    a factor of at most 17 over the error with the exact mean as shift.
+    x is read from memory once (plus the head), one cache-sized block at a
+    time. The analysis, f(n) for each plan and the measured errors:
+    docs/ground-truth.md, "One shard's moments". An empty shard gives
+    (0, 0, 0).
 
     (One shift for all blocks, not a mean per block: block means merged like
     rank means would each carry a rounding error of order u*|mean|, which
@@ -142,8 +143,9 @@ def batch_norm_stats(x):
     m2 = d_sq - d_sum * d_sum / count
     # >= 0 in exact arithmetic; only rounding or underflow can make it
     # negative, and then by no more than their size (a constant channel
-    # near 1e-147 gives a few times -5e-324), so 0 is the better value. Unlike a clamp
-    # of E[x^2] - E[x]^2 this hides no lost digits (derivation.md, section 7).
+    # near 1.7e-147 gives -5e-324, the smallest subnormal), so 0 is the
+    # better value. Unlike a clamp of E[x^2] - E[x]^2 this hides no lost
+    # digits (docs/ground-truth.md, "The clamp on m2").
     return count, shift + d_sum / count, np.maximum(m2, 0.0)
 
 

@@ -40,7 +40,7 @@ __all__ = ["VerifyError", "load_manifest", "load_npz", "default_rtol", "compare"
 
 
 #: What a conformance column records it was scored with (docs/conformance.md flags columns without it).
-VERDICT_RULE = ("issue 18: 32 eps of the scenario's dtype (never the stored dtype), in float64; less "
+VERDICT_RULE = ("scenario dtype: 32 eps of the scenario's dtype (never the stored dtype), in float64; less "
                 "precision, NaN/inf against finite values and missing quantities fail whatever the tolerance")
 
 

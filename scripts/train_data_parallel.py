@@ -36,13 +36,10 @@ The script prints the loss curves, the test accuracy and the largest
 parameter difference from the reference, and writes a plot of both curves
 (training.png in the current directory by default, ``--plot docs/training.png``
 for the committed figure; needs matplotlib, the ``examples`` extra).
-Measured with the defaults (global batch 100, shards 40/30/20/10): sync
-1e-15 from the reference, per-rank BN 1.4e-1 in the weights, final loss
-0.045 against 0.141, test accuracy 0.980 against 0.973-0.980. With small
-per-rank batches (``--batch 20``: shards 8/6/4/2) per-rank BN drifts further
-(weights 1.3, final loss 0.107 against 0.425, accuracy 0.960 against
-0.927-0.953): on this easy data set the accuracy hardly shows what the loss
-does. Synchronised BN matters when each device holds few samples.
+What it prints with the defaults (global batch 100, shards 40/30/20/10) and
+with small per-rank batches (``--batch 20``: shards 8/6/4/2), quoted and
+held by tests/test_docs_numbers.py: docs/examples.md, "Data-parallel
+training". Synchronised BN matters when each device holds few samples.
 """
 import argparse
 import os

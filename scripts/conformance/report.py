@@ -115,7 +115,7 @@ def render(directory, md_link_prefix="conformance/"):
     out.append("")
     old_rule = [titles.get(c, c) for c in runnable if not docs[c].get("verdict_rule")]
     if old_rule:
-        out += [f"Scored before issue 18, with the tolerance of the dtype each result was stored in, and not "
+        out += [f"Scored under the old rule, with the tolerance of the dtype each result was stored in, and not "
                 f"re-run since (the framework is not installed where the report was remade): "
                 f"{', '.join(old_rule)}. With the scenario's dtype, cells of float16 scenarios may turn to "
                 f"pass (32 eps of float16 is 3.1e-2 normwise) and results stored with less precision than "
