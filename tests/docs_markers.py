@@ -54,7 +54,8 @@ A number may be written as a percentage (``-49%`` is -0.49); ``first`` and
 ``last`` pick one match by position, like ``max`` and ``min`` by size.
 
 Options: ``stage: system`` (slow: runs in the system stage),
-``requires: numpy>=2`` (the quote is that major version's output),
+``requires: numpy>=2`` (the quote is that major version's output) or
+``requires: sklearn`` (the command needs that module),
 ``timeout: SECONDS`` (default 300), ``recorded: PATH`` (the output is
 the file PATH, written by an earlier run of COMMAND, for measurements that
 need hardware or hours; the command is how to redo it), ``measured-by:
@@ -430,6 +431,10 @@ def unmet_requirement(marker):
     if not need:
         return None
     module, _, major = need.partition(">=")
+    if not major:                       # 'requires: sklearn': the module must be importable
+        import importlib.util
+        found = importlib.util.find_spec(module.strip()) is not None
+        return None if found else f"{marker.id} needs {module.strip()}, which is not installed"
     version = __import__(module.strip()).__version__
     if int(version.split(".")[0]) < int(major):
         return f"{marker.id} quotes {need}; this is {module.strip()} {version}"

@@ -6,7 +6,7 @@
 BEFORE_REV is a git revision (the column files are read from it with ``git
 show``); the current files are read from --dir. One row per cell whose
 grade changed, and one per column that is new. docs/conformance/regrade.md
-holds its output for the rubric's introduction (issue 23), with the reasons.
+holds its output for the rubric's introduction, with the reasons.
 """
 import argparse
 import json

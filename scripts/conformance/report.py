@@ -87,7 +87,7 @@ def render(directory, md_link_prefix="conformance/"):
            "**accuracy limit**, **DEFECT**: the rubric's grades; **unsupp.**: the framework cannot express "
            "the scenario; **ERROR**: crash or hang. `inf`/`nan`: the framework returned non-finite numbers.",
            ""]
-    for part in ("rubric.md", "summary.md", "regrade.md"):     # hand-written, kept next to the data
+    for part in ("rubric.md", "summary.md"):     # hand-written, kept next to the data
         path = os.path.join(directory, part)
         if os.path.exists(path):
             with open(path) as f:
