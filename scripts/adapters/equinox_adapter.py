@@ -22,7 +22,8 @@ as Equinox's inference reads it, ``hidden / (1 - momentum^counter)``.
 ``--path ema``: ``mode="ema"``: training normalises with the running
 statistics *after* folding in the batch (and with the batch's own on the
 first call): a documented convention, not batch norm's textbook training
-statistics. batch_mean/batch_var come from a second layer with momentum 0
+statistics. (With jax 0.10.2 under ``jax.pmap`` this path raises a
+ValueError in Equinox's state update; docs/conformance/equinox.md.) batch_mean/batch_var come from a second layer with momentum 0
 in the same step (mode="batch": its hidden state is then the batch
 statistic). Parameters and state are float32 (float64 for float64 input).
 
