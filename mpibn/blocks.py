@@ -241,11 +241,6 @@ def _whole(shape, k):
     return got
 
 
-def _load_whole(targets, sources, major):
-    for t, src in zip(targets, sources):
-        np.copyto(t, src.transpose(1, 0, 2) if major else src)
-
-
 def reduce(sources, k, body, vectors, out):
     """Per-channel sums of a formula, into ``out`` (k, C) float64.
 
@@ -260,11 +255,12 @@ def reduce(sources, k, body, vectors, out):
     if x.size == 0:
         out[...] = 0.0
         return out
-    if x.size <= WHOLE:
+    if x.size <= WHOLE:                 # one block: no loop, the fewest calls
         s, targets, major = _whole(x.shape, k)
-        _load_whole(targets, sources, major)
+        for t, src in zip(targets, sources):
+            np.copyto(t, src.transpose(1, 0, 2) if major else src)
         if body is not None:
-            body(s, _columns(vectors, _ALL_C, major))
+            body(s, [v[:, None] if major and v is not None else v for v in vectors])
         return sums(s, major, out)
     p = plan_for(x.shape)
     part = np.empty((k, p.full[1]))
@@ -291,10 +287,11 @@ def each(sources, k, body, vectors, dst):
     x = sources[0]
     if x.size == 0:
         return dst
-    if x.size <= WHOLE:
+    if x.size <= WHOLE:                 # one block: no loop, the fewest calls
         s, targets, major = _whole(x.shape, k)
-        _load_whole(targets, sources, major)
-        body(s, _columns(vectors, _ALL_C, major))
+        for t, src in zip(targets, sources):
+            np.copyto(t, src.transpose(1, 0, 2) if major else src)
+        body(s, [v[:, None] if major and v is not None else v for v in vectors])
         np.copyto(dst.transpose(1, 0, 2) if major else dst, targets[0])
         return dst
     p = plan_for(x.shape)
@@ -323,7 +320,7 @@ def shifted_sums(x, head, body):
         shift /= head * length
         return shift, reduce((x,), 2, body, (shift,), out)
     s, targets, major = _whole(x.shape, 2)
-    _load_whole(targets[:1], (x,), major)
+    np.copyto(targets[0], x.transpose(1, 0, 2) if major else x)
     shift = np.empty(channels)
     if major:
         # Pairwise within each sample's L values, then over the samples: the
@@ -334,5 +331,5 @@ def shifted_sums(x, head, body):
     else:
         sums(s[:1, :head], False, shift[None])
     shift /= head * length
-    body(s, _columns((shift,), _ALL_C, major))
+    body(s, [shift[:, None] if major else shift])
     return shift, sums(s, major, out)

@@ -99,7 +99,7 @@ def batch_norm_stats(x, out=None):
     Computed with the corrected two-pass sum of Chan, Golub and LeVeque
     about a shift K (C,)::
 
-        d = x - K,   mean = K + sum(d)/n,   m2 = sum(d^2) - sum(d)^2/n
+        d = x - K,   mean = K + sum(d)/n,   m2 = sum(d^2) - sum(d) (sum(d)/n)
 
     Its relative rounding error is of order u * (f(n) + n (mean - K)^2 / m2)
     (u the unit roundoff, f(n) the growth of rounding error with the length
@@ -143,11 +143,10 @@ def batch_norm_stats(x, out=None):
     head = num if x.size <= SMALL_SHARD else -(-num // 16)
     shift, sums = blocks.shifted_sums(x, head, _shifted)
     d_sum, d_sq = sums
-    np.divide(d_sum, count, out=mean)
+    np.divide(d_sum, count, out=mean)               # sum(d)/n
+    np.multiply(d_sum, mean, out=m2)
+    np.subtract(d_sq, m2, out=m2)                   # sum(d^2) - sum(d) * sum(d)/n
     mean += shift                                   # K + sum(d)/n
-    np.multiply(d_sum, d_sum, out=m2)
-    m2 /= count
-    np.subtract(d_sq, m2, out=m2)                   # sum(d^2) - sum(d)^2/n
     # >= 0 in exact arithmetic; only rounding or underflow can make it
     # negative, and then by no more than their size (a constant channel
     # near 1e-147 gives a few times -5e-324), so 0 is the better value. Unlike a clamp
