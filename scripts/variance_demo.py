@@ -21,8 +21,10 @@ concatenated values (fractions.Fraction, no rounding):
 ``--shard`` measures instead the accuracy of one rank's local moments
 (``batch_norm_stats``) on one channel of n = 100,352 values, shaped
 (32, 1, 3136) so that the shard is larger than SMALL_SHARD and its head is
-the first 2 samples; once in random order and once sorted (the head then
-holds the smallest values, the worst case for the shift).
+the first 2 samples (one block: blocks.WHOLE), then of n = 401,408 values,
+shaped (128, 1, 3136) (blocks of 10 samples, head 8 samples); once in
+random order and once sorted (the head then holds the smallest values, the
+worst case for the shift).
 
 The numbers are quoted in docs/derivation.md (tests/test_teaching.py checks
 the first block).
@@ -86,18 +88,20 @@ def exact_m2(x):
 
 def shard_accuracy():
     rng = np.random.default_rng(0)
-    n = 32 * 3136
-    print(f"one shard, one channel, n = {n} values, shape (32, 1, 3136): relative error of m2")
-    for mu, sigma, dtype in [(0.0, 1.0, np.float64), (1e4, 1.0, np.float64),
-                             (1e4, 0.1, np.float32), (5.0, 1.0, np.float32)]:
-        x = rng.normal(mu, sigma, n).astype(dtype)
-        errors = []
-        for values in (x, np.sort(x)):
-            _, _, m2 = batch_norm_stats(values.reshape(32, 1, 3136))
-            true = exact_m2(values)
-            errors.append(abs(float(m2[0]) - true) / true)
-        print(f"  {np.dtype(dtype).name} data, mean {mu:g}, std {sigma:g}: random order "
-              f"{errors[0]:.1e}, sorted {errors[1]:.1e}")
+    for samples, plan in ((32, "one block: the whole plan"), (128, "blocks of 10 samples")):
+        n = samples * 3136
+        print(f"one shard, one channel, n = {n} values, shape ({samples}, 1, 3136), {plan}: "
+              f"relative error of m2")
+        for mu, sigma, dtype in [(0.0, 1.0, np.float64), (1e4, 1.0, np.float64),
+                                 (1e4, 0.1, np.float32), (5.0, 1.0, np.float32)]:
+            x = rng.normal(mu, sigma, n).astype(dtype)
+            errors = []
+            for values in (x, np.sort(x)):
+                _, _, m2 = batch_norm_stats(values.reshape(samples, 1, 3136))
+                true = exact_m2(values)
+                errors.append(abs(float(m2[0]) - true) / true)
+            print(f"  {np.dtype(dtype).name} data, mean {mu:g}, std {sigma:g}: random order "
+                  f"{errors[0]:.1e}, sorted {errors[1]:.1e}")
 
 
 def main():
