@@ -104,17 +104,17 @@ def batch_norm_stats(x, out=None):
     Its relative rounding error is of order u * (f(n) + n (mean - K)^2 / m2)
     (u the unit roundoff, f(n) the growth of rounding error with the length
     of the sums). The sums are NumPy's own, never BLAS (``mpibn.blocks``:
-    the same bits on every CPU): for 4-D input each channel's values of a
-    block are contiguous and NumPy sums them pairwise, so f(n) is about
-    log2(b) + n/b for blocks of b values per channel (b = n up to
-    blocks.WHOLE = 2^17 values in all; b = 2^15 above); for 2-D input
-    columns are added over ACC = 8 accumulators, f(B) about B/8 + 8. In the
-    worst case that is u f(n) = 8e-16 for n = 100,352 (4-D, 2^15-value
-    blocks); measured up to 2.3e-14 in random order and 1.2e-13 sorted,
-    for float32 data of mean 1e4 and std 0.1 (``python
-    scripts/variance_demo.py --shard``; derivation.md, "One shard's
-    moments"), where the second term dominates. Whatever |mean|/std, x - K
-    is (nearly) exact where x is close to K. K is the mean of the first
+    the same bits on every CPU). For 4-D input each channel's values of a
+    block are contiguous and NumPy sums them pairwise, f about 19 +
+    log2(b/128) + n/b for blocks of b values per channel: one block up to
+    blocks.WHOLE = 2^17 values in all (n = 100,352: u f(n) = 3.2e-15),
+    blocks of 2^15 values above (n = 401,408: 4.4e-15). For 2-D input each
+    column is added row by row over ACC = 8 accumulators, f about B/8 + 8
+    per block. Measured against exact arithmetic by ``python
+    scripts/variance_demo.py --shard``: up to 1.4e-16 in random order and
+    1.3e-15 sorted for n = 100,352, 4.5e-16 and 1.5e-15 for n = 401,408
+    (derivation.md, "One shard's moments"). Whatever |mean|/std, x - K is
+    (nearly) exact where x is close to K. K is the mean of the first
     ceil(B/16) samples (the head; all of x when x.size <= SMALL_SHARD,
     counting every channel: then this is the classic two-pass algorithm),
     and the head's own deviations bound the extra term: n_head (K - mean)^2
