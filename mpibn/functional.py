@@ -143,7 +143,7 @@ def batch_norm_stats(x, out=None):
     head = num if x.size <= SMALL_SHARD else -(-num // 16)
     shift, sums = blocks.shifted_sums(x, head, _shifted)
     d_sum, d_sq = sums
-    np.divide(d_sum, count, out=mean)               # sum(d)/n
+    np.divide(d_sum, float(count), out=mean)        # sum(d)/n (a float: NumPy divides faster)
     np.multiply(d_sum, mean, out=m2)
     np.subtract(d_sq, m2, out=m2)                   # sum(d^2) - sum(d) * sum(d)/n
     mean += shift                                   # K + sum(d)/n

@@ -231,7 +231,7 @@ def batch_statistics(x, problem, exchange, eps, context, tag, running_mean=None,
             _check_finite(rows, group_comm, context)
         if not exact:
             # (mean, var, unbiased): M2 / N and M2 / (N - 1)
-            mean, var, unbiased = moments[0], moments[1] / total, moments[1] / (total - 1)
+            mean, var, unbiased = moments[0], moments[1] / float(total), moments[1] / float(total - 1)
         pair = _moving_pair(running_mean, running_var, mean, unbiased, momentum)
         if pair is None:
             new = (_moving(running_mean, mean, momentum), _moving(running_var, unbiased, momentum))
@@ -249,7 +249,10 @@ def batch_statistics(x, problem, exchange, eps, context, tag, running_mean=None,
 
 def _finite(a):
     """True when every value of ``a`` is finite, in one reduction (a sum of
-    finite values that overflows says False: callers then check value by value)."""
+    finite values that overflows says False: callers then check value by value).
+    A few values are checked in Python: a NumPy reduction costs about 1 us."""
+    if a.size <= 16:
+        return all(map(math.isfinite, a.reshape(-1).tolist()))
     return math.isfinite(np.add.reduce(a, axis=None, dtype=np.float64))
 
 
@@ -353,7 +356,7 @@ def sync_batch_norm_backward(dy, saved, *, exchange=None, training=None):
         sums = rows[exchange.group.rank]            # this rank's own, as sent
         # Added in rank order on every rank: bitwise the same dx everywhere.
         group_sums = rows[0] if rows.shape[0] == 1 else np.add.reduce(rows, axis=0)
-        mean_dy, mean_dy_xhat = group_sums / saved.count
+        mean_dy, mean_dy_xhat = group_sums / float(saved.count)
     else:
         mean_dy = mean_dy_xhat = np.zeros(saved.x.shape[1])
     # xhat is None (formed block by block from x) unless the exact path made it.
