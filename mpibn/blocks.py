@@ -31,7 +31,8 @@ are *contiguous* in it, because that is where NumPy sums well:
   prototype), so ``sums`` adds rows instead, over a reshaped view with
   ``ACC`` accumulators: rows j, j + ACC, j + 2 ACC, ... go to accumulator j
   (each a vectorised, sequential column sum), and the ACC partial sums are
-  then added in order. Error growth about nb / ACC + ACC.
+  then added in order. Error growth about nb / ACC + ACC (blocks of fewer
+  than ``ACC_ROWS`` rows are added in order: about nb).
 
 Blocks of one channel group are visited in sample order, and their sums
 added in that order, so per-channel sums are reproducible.
@@ -73,8 +74,10 @@ BLOCK = 1 << 15
 # Tests set it to 0 to send small arrays through the blocked plan.
 WHOLE = 1 << 17
 
-# Accumulators of a 2-D column sum (rows per accumulator = rows / ACC).
-ACC = 8
+# Accumulators of a 2-D column sum (rows per accumulator = rows / ACC), for
+# blocks of at least ACC_ROWS rows (below, the rows are added in order: the
+# reshaped sum costs 1.5x a plain one, and f(nb) <= ACC_ROWS anyway).
+ACC, ACC_ROWS = 8, 64
 
 
 class Plan:
@@ -210,7 +213,7 @@ def sums(a, major, out):
     if major:
         return np.add.reduce(a, axis=2, out=out)
     k, nb, cb = a.shape
-    if nb < 2 * ACC:
+    if nb < ACC_ROWS:                   # few rows: added in order (cheaper, f(nb) is small)
         return np.add.reduce(a, axis=1, out=out)
     whole = nb - nb % ACC
     part = np.add.reduce(a[:, :whole].reshape(k, whole // ACC, ACC, cb), axis=1)
@@ -221,6 +224,8 @@ def sums(a, major, out):
 
 
 def _columns(vectors, c, major):
+    if c.stop - c.start == 1:           # one channel: plain scalars, NumPy's fastest operand
+        return [None if v is None else v[c.start] for v in vectors]
     return [None if v is None else (v[c, None] if major else v[c]) for v in vectors]
 
 
