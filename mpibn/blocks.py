@@ -229,45 +229,61 @@ def _columns(vectors, c, major):
     return [None if v is None else (v[c, None] if major else v[c]) for v in vectors]
 
 
-def _whole(shape, k):
+def _whole(shape, k, kept=False):
     """The whole plan's scratch for a (B, C, L) shape: (stacked (k, ...) as
     ``scratch``, k load targets shaped like the transposed block, major),
     made once per shape and kept with the thread's pool (small arrays: the
-    cost of a call is what counts, so nothing is rebuilt per call)."""
+    cost of a call is what counts, so nothing is rebuilt per call).
+    ``kept``: from a second pool, which holds what ``reduce(..., keep=True)``
+    hands on to the next ``each_kept`` (the first pool is every call's)."""
     views = getattr(_POOL, "views", None)
-    got = None if views is None else views.get((shape, k))
+    got = None if views is None else views.get((shape, k, kept))
     if got is None:
         num, channels, length = shape
         size = num * channels * length
         _scratch(k, size)
+        if kept:
+            flat = getattr(_POOL, "kept", None)
+            if flat is None or flat.size < k * size:
+                flat = _POOL.kept = np.empty(k * size)
+                _POOL.views = {}                     # views of the old kept pool go
+        else:
+            flat = _POOL.flat
         major = length > 1
-        s = _POOL.flat[:k * size].reshape((k, channels, num * length) if major else (k, num, channels))
+        s = flat[:k * size].reshape((k, channels, num * length) if major else (k, num, channels))
         targets = [b.reshape(channels, num, length) if major else b.reshape(num, channels, 1) for b in s]
-        got = _POOL.views[(shape, k)] = (s, targets, major)
+        got = _POOL.views[(shape, k, kept)] = (s, targets, major)
     return got
 
 
-def reduce(sources, k, body, vectors, out):
+def whole(shape):
+    """True when a (B, C, L) array of this shape is one block (the whole plan; not empty)."""
+    return 0 < shape[0] * shape[1] * shape[2] <= WHOLE
+
+
+def reduce(sources, k, body, vectors, out, summed=None, keep=False):
     """Per-channel sums of a formula, into ``out`` (k, C) float64.
 
     For each block: the block of each (B, C, L) array in ``sources`` is
     loaded into scratch buffer 0, 1, ...; ``body(scratch, columns)`` turns
-    the k buffers into the k quantities to sum (in place; ``columns``: the
+    the k buffers into the quantities to sum (in place; ``columns``: the
     (C,) ``vectors`` for the block's channels, shaped to broadcast); then
-    every buffer is summed per channel. A channel group's blocks are added
-    in sample order. Returns ``out``.
+    every buffer (or those that slice ``summed`` picks) is summed per
+    channel. A channel group's blocks are added in sample order. Returns
+    ``out``. ``keep``: an array of one block leaves its scratch, as ``body``
+    left it, for ``each_kept`` (the caller's next call on this thread).
     """
     x = sources[0]
     if x.size == 0:
         out[...] = 0.0
         return out
     if x.size <= WHOLE:                 # one block: no loop, the fewest calls
-        s, targets, major = _whole(x.shape, k)
+        s, targets, major = _whole(x.shape, k, keep)
         for t, src in zip(targets, sources):
             t[...] = src.transpose(1, 0, 2) if major else src
         if body is not None:
             body(s, [v[:, None] if major and v is not None else v for v in vectors])
-        return sums(s, major, out)
+        return sums(s[summed] if summed else s, major, out)
     p = plan_for(x.shape)
     part = np.empty((k, p.full[1]))
     for index, size, first in p.blocks:
@@ -277,6 +293,8 @@ def reduce(sources, k, body, vectors, out):
             load(s[i], src, index, p.major)
         if body is not None:
             body(s, _columns(vectors, c, p.major))
+        if summed:
+            s = s[summed]
         if first:
             sums(s, p.major, out[:, c])
         else:
@@ -307,6 +325,15 @@ def each(sources, k, body, vectors, dst):
             load(s[i], src, index, p.major)
         body(s, _columns(vectors, index[1], p.major))
         store(dst, index, s[0], p.major)
+    return dst
+
+
+def each_kept(shape, k, body, vectors, dst):
+    """``each`` on what ``reduce(..., keep=True)`` left in its k buffers
+    for a (B, C, L) array of ``shape`` (one block): nothing is loaded."""
+    s, targets, major = _whole(shape, k, True)
+    body(s, [v[:, None] if major and v is not None else v for v in vectors])
+    (dst.transpose(1, 0, 2) if major else dst)[...] = targets[0]
     return dst
 
 

@@ -257,7 +257,8 @@ def _f64(v):
     return v if type(v) is np.ndarray and v.dtype == np.float64 else np.asarray(v, np.float64)
 
 
-def batch_norm_backward_reduce(dy, xhat=None, *, x=None, mean=None, inv_std=None, out=None):
+def batch_norm_backward_reduce(dy, xhat=None, *, x=None, mean=None, inv_std=None, out=None,
+                               keep=False):
     """This rank's two per-channel sums for the backward pass, in float64.
 
     ::
@@ -273,14 +274,29 @@ def batch_norm_backward_reduce(dy, xhat=None, *, x=None, mean=None, inv_std=None
     The sums are NumPy's own, as in ``batch_norm_stats``. ``out``: an
     optional (2, C) float64 array for the two sums.
     dy, xhat, x: (B, C, L); mean, inv_std: (C,).
+
+    ``keep=True`` (with x and mean) returns a third value for
+    ``batch_norm_backward_elemt(..., kept=...)``: an array of one block
+    (``blocks.whole``) leaves dy and x - mean in float64, already formed,
+    so the next call on this thread need not form them again (None for
+    bigger arrays, whose blocks are formed one at a time).
     """
     out = np.empty((2, dy.shape[1])) if out is None else out
     if xhat is not None:
         blocks.reduce((dy, xhat), 2, _product, (None,), out)
         return out[0], out[1]
-    blocks.reduce((dy, x), 2, _product, (_f64(mean),), out)
+    kept = keep and blocks.whole(dy.shape)
+    if kept:                  # dy, x - mean, and their product (the quantities summed: 0 and 2)
+        blocks.reduce((dy, x), 3, _product_kept, (_f64(mean),), out, summed=_FIRST_AND_LAST, keep=True)
+    else:
+        blocks.reduce((dy, x), 2, _product, (_f64(mean),), out)
     out[1] *= inv_std
+    if keep:
+        return out[0], out[1], (dy.shape if kept else None)
     return out[0], out[1]
+
+
+_FIRST_AND_LAST = slice(None, None, 2)
 
 
 def _product(scratch, columns):
@@ -292,8 +308,15 @@ def _product(scratch, columns):
     h *= g
 
 
+def _product_kept(scratch, columns):
+    """As ``_product``, keeping x - mean: the product goes to scratch[2]."""
+    (m,), (g, h, gh) = columns, scratch
+    h -= m                                          # x - mean
+    np.multiply(g, h, out=gh)
+
+
 def batch_norm_backward_elemt(dy, xhat, gamma, inv_std, mean_dy, mean_dy_xhat,
-                              out_dtype=None, *, x=None, mean=None, out=None):
+                              out_dtype=None, *, x=None, mean=None, out=None, kept=None):
     """Input gradient of batch norm from the group's sums.
 
     With y = gamma * xhat + beta, xhat = (x - mean) * inv_std and mean, var
@@ -310,6 +333,9 @@ def batch_norm_backward_elemt(dy, xhat, gamma, inv_std, mean_dy, mean_dy_xhat,
     ``xhat * mean_dy_xhat = (x - mean) * (inv_std * mean_dy_xhat)``, formed
     in float64 one block at a time. dx is rounded once, into ``out`` when
     given (default: a new array of ``out_dtype``, default dy's dtype).
+    ``kept``: the third value of ``batch_norm_backward_reduce(...,
+    keep=True)`` for the same dy, x and mean, the call just before on this
+    thread: dy and x - mean are then taken as it left them (the same bits).
 
     dy, xhat, x: (B, C, L); gamma, inv_std, mean_dy, mean_dy_xhat, mean: (C,).
     """
@@ -322,12 +348,14 @@ def batch_norm_backward_elemt(dy, xhat, gamma, inv_std, mean_dy, mean_dy_xhat,
     else:
         src, mean = xhat, None                      # src is xhat already
     dx = np.empty(dy.shape, out_dtype or dy.dtype) if out is None else out
+    if kept is not None:                            # (dy, x - mean) already in float64
+        return blocks.each_kept(kept, 3, _input_gradient, (None, coef, _f64(mean_dy), scale), dx)
     return blocks.each((dy, src), 2, _input_gradient, (mean, coef, _f64(mean_dy), scale), dx)
 
 
 def _input_gradient(scratch, columns):
     """One block of batch_norm_backward_elemt: scratch holds (dy, x or xhat), then dx."""
-    (m, cf, mdy, scale), (t, h) = columns, scratch
+    (m, cf, mdy, scale), (t, h) = columns, scratch[:2]
     t -= mdy                                        # dy - mean_dy
     if m is not None:
         h -= m                                      # x - mean

@@ -344,7 +344,7 @@ def sync_batch_norm_backward(dy, saved, *, exchange=None, training=None):
     # In training the default mode's two sums go straight into this rank's row of the exchange.
     payload = exchange.payload() if training and not exact and problem is None else None
     problem, local = guarded(problem, lambda: _local_backward(dy, saved, exact, payload))
-    dy3, xhat, sums = local if local is not None else (None, None, None)
+    dy3, xhat, sums, kept = local if local is not None else (None, None, None, None)
     if not training:
         local_problem(problem, group, context)
     tag = backward_tag(saved.tag) if saved is not None else NO_FORWARD_TAG
@@ -360,8 +360,9 @@ def sync_batch_norm_backward(dy, saved, *, exchange=None, training=None):
     else:
         mean_dy = mean_dy_xhat = np.zeros(saved.x.shape[1])
     # xhat is None (formed block by block from x) unless the exact path made it.
+    # kept: dy and x - mean as this rank's sums left them (a one-block array), not formed again
     dx = F.batch_norm_backward_elemt(dy3, xhat, saved.gamma, saved.inv_std, mean_dy, mean_dy_xhat,
-                                     out_dtype=saved.x.dtype, x=saved.x, mean=saved.mean)
+                                     out_dtype=saved.x.dtype, x=saved.x, mean=saved.mean, kept=kept)
     saved.used = True
     return dx.reshape(saved.shape), sums[1], sums[0]
 
@@ -409,18 +410,21 @@ def _backward_peers(saved, exchange, training):
 
 
 def _local_backward(dy, saved, exact, out=None):
-    """This rank's work before the collective: (dy3, xhat, sums).
+    """This rank's work before the collective: (dy3, xhat, sums, kept).
 
     The default mode returns this rank's two sums (written into ``out``, a
     (2, C) float64 array, when given), xhat = (x - mean) * inv_std formed
-    block by block from what forward kept (it never exists in full); exact
-    mode returns xhat itself (float64, full size), which its exact sums need.
+    block by block from what forward kept (it never exists in full), and
+    ``kept`` for batch_norm_backward_elemt (F.batch_norm_backward_reduce's
+    keep=True); exact mode returns xhat itself (float64, full size), which
+    its exact sums need.
     """
     dy3 = F.as_ncl(_native(dy))
     if exact:
-        return dy3, (saved.x - saved.mean[:, None]) * saved.inv_std[:, None], None
-    return dy3, None, F.batch_norm_backward_reduce(dy3, x=saved.x, mean=saved.mean, inv_std=saved.inv_std,
-                                                   out=out)
+        return dy3, (saved.x - saved.mean[:, None]) * saved.inv_std[:, None], None, None
+    sum_dy, sum_dy_xhat, kept = F.batch_norm_backward_reduce(
+        dy3, x=saved.x, mean=saved.mean, inv_std=saved.inv_std, out=out, keep=True)
+    return dy3, None, (sum_dy, sum_dy_xhat), kept
 
 
 # -- exact=True: exact sums -> the one Allreduce -> rounded once ---------------------------
