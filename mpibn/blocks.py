@@ -179,20 +179,35 @@ def scratch(p, size, count):
 
 
 def load(dst, src, index, major):
-    """Copy block ``index`` of a (B, C, L) array into float64 scratch ``dst``
-    (cast and gather in one assignment: ``a[...] = b`` is ``np.copyto``
-    without its dispatch, 0.2 us less per call)."""
+    """Block ``index`` of a (B, C, L) array as the formulas read it: a float64
+    2-D block as a view of ``src`` itself (its rows are the scratch layout:
+    a copy would be one more pass for nothing), otherwise copied into float64
+    scratch ``dst`` (cast and gather in one assignment: ``a[...] = b`` is
+    ``np.copyto`` without its dispatch, 0.2 us less per call). Returns it."""
     block = src[index]
     if major:
         dst.reshape(block.shape[1], block.shape[0], block.shape[2])[...] = block.transpose(1, 0, 2)
+    elif src.dtype == np.float64:
+        return block[:, :, 0]
     else:
         dst[...] = block[:, :, 0]
+    return dst
+
+
+def target(dst, index, scratch, major):
+    """Where a formula writes block ``index`` of its result ``dst``: the block
+    of a float64 2-D ``dst`` itself (nothing to store after), else ``scratch``."""
+    if not major and dst.dtype == np.float64:
+        return dst[index][:, :, 0]
+    return scratch
 
 
 def store(dst, index, src, major):
     """Write scratch ``src`` back into block ``index`` of (B, C, L) ``dst``,
-    rounded once to dst's dtype."""
+    rounded once to dst's dtype (nothing to do when ``target`` gave the block itself)."""
     block = dst[index]
+    if not major and dst.dtype == np.float64:
+        return
     if major:
         block.transpose(1, 0, 2)[...] = src.reshape(block.shape[1], block.shape[0], block.shape[2])
     else:
@@ -231,7 +246,8 @@ def _columns(vectors, c, major):
 
 def _whole(shape, k, kept=False):
     """The whole plan's scratch for a (B, C, L) shape: (stacked (k, ...) as
-    ``scratch``, k load targets shaped like the transposed block, major),
+    ``scratch``, its k buffers, k load targets shaped like the transposed
+    block, major),
     made once per shape and kept with the thread's pool (small arrays: the
     cost of a call is what counts, so nothing is rebuilt per call).
     ``kept``: from a second pool, which holds what ``reduce(..., keep=True)``
@@ -251,8 +267,9 @@ def _whole(shape, k, kept=False):
             flat = _POOL.flat
         major = length > 1
         s = flat[:k * size].reshape((k, channels, num * length) if major else (k, num, channels))
+        bufs = list(s)                  # the same view objects every call (bodies compare by identity)
         targets = [b.reshape(channels, num, length) if major else b.reshape(num, channels, 1) for b in s]
-        got = _POOL.views[(shape, k, kept)] = (s, targets, major)
+        got = _POOL.views[(shape, k, kept)] = (s, bufs, targets, major)
     return got
 
 
@@ -264,35 +281,39 @@ def whole(shape):
 def reduce(sources, k, body, vectors, out, summed=None, keep=False):
     """Per-channel sums of a formula, into ``out`` (k, C) float64.
 
-    For each block: the block of each (B, C, L) array in ``sources`` is
-    loaded into scratch buffer 0, 1, ...; ``body(scratch, columns)`` turns
-    the k buffers into the quantities to sum (in place; ``columns``: the
-    (C,) ``vectors`` for the block's channels, shaped to broadcast); then
-    every buffer (or those that slice ``summed`` picks) is summed per
-    channel. A channel group's blocks are added in sample order. Returns
-    ``out``. ``keep``: an array of one block leaves its scratch, as ``body``
-    left it, for ``each_kept`` (the caller's next call on this thread).
+    For each block: ``body(blocks, scratch, columns)`` gets the block of each
+    (B, C, L) array in ``sources`` as float64 (``load``: in scratch buffer 0,
+    1, ..., or a view of a float64 2-D source), the k scratch buffers, and
+    the (C,) ``vectors`` for the block's channels shaped to broadcast; it
+    leaves in the scratch buffers the quantities to sum. Every buffer (or
+    those that slice ``summed`` picks) is then summed per channel. A
+    channel group's blocks are added in sample order. Returns ``out``.
+    ``keep``: an array of one block leaves its scratch, as ``body`` left it,
+    for ``each_kept`` (the caller's next call on this thread).
     """
     x = sources[0]
     if x.size == 0:
         out[...] = 0.0
         return out
     if x.size <= WHOLE:                 # one block: no loop, the fewest calls
-        s, targets, major = _whole(x.shape, k, keep)
-        for t, src in zip(targets, sources):
-            t[...] = src.transpose(1, 0, 2) if major else src
-        if body is not None:
-            body(s, [v[:, None] if major and v is not None else v for v in vectors])
+        s, bufs, targets, major = _whole(x.shape, k, keep)
+        ins = [_load_whole(b, t, src, major) for b, t, src in zip(bufs, targets, sources)]
+        if body is None:                # the one source itself is summed
+            s = ins[0][None]
+        else:
+            body(ins, bufs, [v[:, None] if major and v is not None else v for v in vectors])
         return sums(s[summed] if summed else s, major, out)
     p = plan_for(x.shape)
     part = np.empty((k, p.full[1]))
     for index, size, first in p.blocks:
         c = index[1]
         s = scratch(p, size, k)
-        for i, src in enumerate(sources):
-            load(s[i], src, index, p.major)
-        if body is not None:
-            body(s, _columns(vectors, c, p.major))
+        bufs = list(s)
+        ins = [load(b, src, index, p.major) for b, src in zip(bufs, sources)]
+        if body is None:                # the one source itself is summed
+            s = ins[0][None]
+        else:
+            body(ins, bufs, _columns(vectors, c, p.major))
         if summed:
             s = s[summed]
         if first:
@@ -302,37 +323,52 @@ def reduce(sources, k, body, vectors, out, summed=None, keep=False):
     return out
 
 
+def _load_whole(buf, target, src, major):
+    """``load`` for the whole plan: ``buf`` is the scratch buffer, ``target``
+    the same memory shaped like the (transposed) array."""
+    if major:
+        target[...] = src.transpose(1, 0, 2)
+    elif src.dtype == np.float64:
+        return src[:, :, 0]
+    else:
+        target[...] = src
+    return buf
+
+
 def each(sources, k, body, vectors, dst):
     """An element-wise formula, block by block, rounded once into ``dst``.
 
-    As ``reduce``, but after ``body`` scratch buffer 0 is written into the
-    block of (B, C, L) ``dst`` (of any float dtype) instead of summed.
+    As ``reduce``, but what ``body`` leaves in scratch buffer 0 is the
+    block's result, written into the block of (B, C, L) ``dst`` (of any float
+    dtype; a float64 2-D ``dst`` block is itself handed over as buffer 0).
     """
     x = sources[0]
     if x.size == 0:
         return dst
     if x.size <= WHOLE:                 # one block: no loop, the fewest calls
-        s, targets, major = _whole(x.shape, k)
-        for t, src in zip(targets, sources):
-            t[...] = src.transpose(1, 0, 2) if major else src
-        body(s, [v[:, None] if major and v is not None else v for v in vectors])
-        (dst.transpose(1, 0, 2) if major else dst)[...] = targets[0]
+        s, bufs, targets, major = _whole(x.shape, k)
+        ins = [_load_whole(b, t, src, major) for b, t, src in zip(bufs, targets, sources)]
+        direct = not major and dst.dtype == np.float64
+        outs = [dst[:, :, 0], *bufs[1:]] if direct else bufs
+        body(ins, outs, [v[:, None] if major and v is not None else v for v in vectors])
+        if not direct:
+            (dst.transpose(1, 0, 2) if major else dst)[...] = targets[0]
         return dst
     p = plan_for(x.shape)
     for index, size, _ in p.blocks:
-        s = scratch(p, size, k)
-        for i, src in enumerate(sources):
-            load(s[i], src, index, p.major)
-        body(s, _columns(vectors, index[1], p.major))
-        store(dst, index, s[0], p.major)
+        bufs = list(scratch(p, size, k))
+        ins = [load(b, src, index, p.major) for b, src in zip(bufs, sources)]
+        first = target(dst, index, bufs[0], p.major)
+        body(ins, bufs if first is bufs[0] else [first, *bufs[1:]], _columns(vectors, index[1], p.major))
+        store(dst, index, bufs[0], p.major)
     return dst
 
 
 def each_kept(shape, k, body, vectors, dst):
     """``each`` on what ``reduce(..., keep=True)`` left in its k buffers
     for a (B, C, L) array of ``shape`` (one block): nothing is loaded."""
-    s, targets, major = _whole(shape, k, True)
-    body(s, [v[:, None] if major and v is not None else v for v in vectors])
+    s, bufs, targets, major = _whole(shape, k, True)
+    body(bufs, bufs, [v[:, None] if major and v is not None else v for v in vectors])
     (dst.transpose(1, 0, 2) if major else dst)[...] = targets[0]
     return dst
 
@@ -352,8 +388,8 @@ def shifted_sums(x, head, body):
         shift = reduce((x[:head],), 1, None, (), np.empty((1, channels)))[0]
         shift /= float(head * length)
         return shift, reduce((x,), 2, body, (shift,), out)
-    s, targets, major = _whole(x.shape, 2)
-    targets[0][...] = x.transpose(1, 0, 2) if major else x
+    s, bufs, targets, major = _whole(x.shape, 2)
+    ins = [_load_whole(bufs[0], targets[0], x, major)]
     shift = np.empty(channels)
     if major:
         # Pairwise within each sample's L values, then over the samples: the
@@ -362,7 +398,7 @@ def shifted_sums(x, head, body):
         per_sample = np.add.reduce(targets[0][:, :head], axis=2)
         np.add.reduce(per_sample, axis=1, out=shift)
     else:
-        sums(s[:1, :head], False, shift[None])
+        sums(ins[0][None, :head], False, shift[None])
     shift /= float(head * length)
-    body(s, [shift[:, None] if major else shift])
+    body(ins, bufs, [shift[:, None] if major else shift])
     return shift, sums(s, major, out)

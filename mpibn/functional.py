@@ -155,11 +155,11 @@ def batch_norm_stats(x, out=None):
     return count, mean, m2
 
 
-def _shifted(scratch, columns):
-    """One block of batch_norm_stats: scratch[0] holds x; leaves d = x - K
-    there and d^2 in scratch[1], the two quantities summed per channel."""
-    (shift,), (d, sq) = columns, scratch
-    d -= shift                                      # d = x - K
+def _shifted(blocks_, scratch, columns):
+    """One block of batch_norm_stats: from x (float64), leaves d = x - K in
+    scratch[0] and d^2 in scratch[1], the two quantities summed per channel."""
+    (x,), (shift,), (d, sq) = blocks_, columns, scratch
+    np.subtract(x, shift, out=d)                    # d = x - K
     np.multiply(d, d, out=sq)
 
 
@@ -245,10 +245,10 @@ def batch_norm_elemt(x, mean, inv_std, gamma, beta, out_dtype=None, out=None):
     return blocks.each((x,), 1, _normalise, (_f64(mean), scale, _f64(beta)), y)
 
 
-def _normalise(scratch, columns):
-    """One block of batch_norm_elemt: scratch[0] holds x, then y."""
-    (m, scale, be), d = columns, scratch[0]
-    d -= m                                          # x - mean
+def _normalise(blocks_, scratch, columns):
+    """One block of batch_norm_elemt: from x (float64), leaves y in scratch[0]."""
+    (x,), (m, scale, be), d = blocks_, columns, scratch[0]
+    np.subtract(x, m, out=d)                        # x - mean
     d *= scale                                      # gamma * inv_std
     d += be
 
@@ -299,19 +299,25 @@ def batch_norm_backward_reduce(dy, xhat=None, *, x=None, mean=None, inv_std=None
 _FIRST_AND_LAST = slice(None, None, 2)
 
 
-def _product(scratch, columns):
-    """One block of batch_norm_backward_reduce: scratch holds (dy, x or xhat);
-    leaves dy and dy * (x - mean) (or dy * xhat), the quantities summed."""
-    (m,), (g, h) = columns, scratch
+def _product(blocks_, scratch, columns):
+    """One block of batch_norm_backward_reduce: from dy and x or xhat
+    (float64), leaves dy and dy * (x - mean) (or dy * xhat) in scratch, the
+    quantities summed."""
+    (dy, x), (m,), (g, h) = blocks_, columns, scratch
     if m is not None:
-        h -= m                                      # x - mean
-    h *= g
+        np.subtract(x, m, out=h)                    # x - mean
+        x = h
+    np.multiply(x, dy, out=h)
+    if g is not dy:
+        g[...] = dy
 
 
-def _product_kept(scratch, columns):
-    """As ``_product``, keeping x - mean: the product goes to scratch[2]."""
-    (m,), (g, h, gh) = columns, scratch
-    h -= m                                          # x - mean
+def _product_kept(blocks_, scratch, columns):
+    """As ``_product``, keeping dy and x - mean: the product goes to scratch[2]."""
+    (dy, x), (m,), (g, h, gh) = blocks_, columns, scratch
+    np.subtract(x, m, out=h)                        # x - mean
+    if g is not dy:
+        g[...] = dy
     np.multiply(g, h, out=gh)
 
 
@@ -353,13 +359,15 @@ def batch_norm_backward_elemt(dy, xhat, gamma, inv_std, mean_dy, mean_dy_xhat,
     return blocks.each((dy, src), 2, _input_gradient, (mean, coef, _f64(mean_dy), scale), dx)
 
 
-def _input_gradient(scratch, columns):
-    """One block of batch_norm_backward_elemt: scratch holds (dy, x or xhat), then dx."""
-    (m, cf, mdy, scale), (t, h) = columns, scratch[:2]
-    t -= mdy                                        # dy - mean_dy
+def _input_gradient(blocks_, scratch, columns):
+    """One block of batch_norm_backward_elemt: from dy and x or xhat (float64),
+    leaves dx in scratch[0]."""
+    (dy, x), (m, cf, mdy, scale), (t, h) = blocks_[:2], columns, scratch[:2]
+    np.subtract(dy, mdy, out=t)                     # dy - mean_dy
     if m is not None:
-        h -= m                                      # x - mean
-    h *= cf                                         # xhat * mean_dy_xhat
+        np.subtract(x, m, out=h)                    # x - mean
+        x = h
+    np.multiply(x, cf, out=h)                       # xhat * mean_dy_xhat
     t -= h
     t *= scale                                      # gamma * inv_std
 

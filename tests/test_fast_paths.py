@@ -214,7 +214,7 @@ def body_calls(shape):
     """How many blocks ``blocks.each`` hands its body for a (N, C, L) array."""
     calls = []
     x = np.zeros(shape, np.float32)
-    blocks.each((x,), 1, lambda s, v: calls.append(s.shape), (np.zeros(shape[1]),), np.empty_like(x))
+    blocks.each((x,), 1, lambda b, s, v: calls.append(s[0].shape), (np.zeros(shape[1]),), np.empty_like(x))
     return len(calls)
 
 
