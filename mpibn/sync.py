@@ -272,11 +272,10 @@ def _moving_pair(running_mean, running_var, mean, unbiased, momentum):
             or running_mean.dtype != running_var.dtype or running_mean.shape != mean.shape \
             or running_var.shape != mean.shape:
         return None
-    old = np.empty((2, mean.shape[0]))
-    old[0], old[1] = running_mean, running_var
-    new = np.empty_like(old)
-    new[0], new[1] = mean, unbiased
-    return F.running_update(old, new, momentum, out=old).astype(running_mean.dtype)
+    new = np.empty((2, mean.shape[0]))
+    F.running_update(running_mean, mean, momentum, out=new[0])
+    F.running_update(running_var, unbiased, momentum, out=new[1])
+    return new.astype(running_mean.dtype)
 
 
 def _check_moving_finite(new_mean, new_var, context):
