@@ -152,7 +152,8 @@ def _scratch(count, size):
     on a (256, 1024) array that doubled the time of a backward pass. So the
     scratch memory is kept, one flat array per thread (two threads never
     share it), as big as the biggest request so far: at most 3 MiB (three
-    buffers of WHOLE values).
+    buffers of WHOLE values), and as much again for the second pool that
+    ``reduce(..., keep=True)`` fills.
     """
     flat = getattr(_POOL, "flat", None)
     if flat is None or flat.size < count * size:
