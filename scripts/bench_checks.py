@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""What each check a reference keeps costs on the tiny layer's training step.
+"""What each check a reference keeps costs on the tiny layer's training step,
+and where the time of a step goes (a profile, by piece).
 
-    python scripts/bench_checks.py
+    python scripts/bench_checks.py                       # the checks, on (2, 4, 3, 3) float32
+    python scripts/bench_checks.py --profile 256x1024 float32   # the pieces of one cell's step
 
 Times one training forward+backward of (2, 4, 3, 3) float32 on one rank
 (``COMM_SELF``), then each check alone as the step runs it (input checks,
@@ -12,6 +14,7 @@ docs/performance.md (issue 20: a check over 5 % of a tiny step is measured
 and named).
 """
 import os
+import sys
 import time
 import timeit
 
@@ -39,7 +42,54 @@ CHECKS = [
 ]
 
 
+PIECES = [
+    ("forward: local moments (batch_norm_stats)", "F.batch_norm_stats(x3, out)"),
+    ("forward: y (batch_norm_elemt)", "F.batch_norm_elemt(x3, mean, inv_std, g, beta)"),
+    ("backward: the two sums (batch_norm_backward_reduce)",
+     "F.batch_norm_backward_reduce(dy3, x=x3, mean=mean, inv_std=inv_std, out=out, keep=True)"),
+    ("backward: dx (batch_norm_backward_elemt, kept)",
+     "F.batch_norm_backward_reduce(dy3, x=x3, mean=mean, inv_std=inv_std, out=out, keep=True); "
+     "F.batch_norm_backward_elemt(dy3, None, g, inv_std, mean, m2, x=x3, mean=mean, kept=x3.shape)"),
+    ("one exchange (a group of one: no MPI call)", "ex.exchange(None, 18, (mean, m2), 'c', (2, 1))"),
+    ("merge_stats (one rank)", "F.merge_stats(counts, rows[:, 0], rows[:, 1], out=out)"),
+    ("moving statistics, both", "sync._moving_pair(rm, rv, mean, m2, 0.9)"),
+    ("inv_std", "F.inv_std_from_var(m2, 1e-5)"),
+]
+
+
+def profile(shape, dtype):
+    """The pieces of one training step of ``shape``/``dtype``, each timed alone."""
+    x, dy = data(shape, dtype)
+    bn = layer(shape[1], dtype)
+    x3, dy3 = F.as_ncl(x), F.as_ncl(dy)
+    n, mean, m2 = F.batch_norm_stats(x3)
+    mean, m2 = mean.copy(), m2.copy()
+    names = dict(np=np, F=F, sync=sync, bn=bn, x=x, dy=dy, x3=x3, dy3=dy3, mean=mean, m2=m2,
+                 inv_std=F.inv_std_from_var(m2 / n, 1e-5), g=bn.gamma.data, beta=bn.beta.data,
+                 out=np.empty((2, shape[1])), ex=bn._exchange, counts=np.array([float(n)]),
+                 rows=np.stack([mean, m2])[None], rm=bn.moving_mean.data.copy(),
+                 rv=bn.moving_variance.data.copy())
+
+    def best(stmt):
+        timer = timeit.Timer(stmt, timer=time.process_time, globals=names)
+        number = max(1, int(2e-3 / max(timer.timeit(1), 1e-7)))
+        return min(timer.repeat(number=number, repeat=9)) / number * 1e6
+
+    step = best("bn(x); bn.backward(dy)")
+    print(f"{shape} {dtype} training step, forward+backward: {step:.1f} us; load average "
+          f"{os.getloadavg()[0]:.1f}")
+    for name, stmt in PIECES:
+        cost = best(stmt)
+        if name.startswith("backward: dx"):
+            cost -= best(PIECES[2][1])
+        print(f"  {name:56s} {cost:9.1f} us  {100 * cost / step:5.1f} %")
+    bn.close()
+
+
 def main():
+    if sys.argv[1:2] == ["--profile"]:
+        shape = tuple(int(v) for v in sys.argv[2].split("x"))
+        return profile(shape, sys.argv[3] if len(sys.argv) > 3 else "float32")
     x, dy = data((2, 4, 3, 3), "float32")
     bn = layer(4, "float32")
     bn(x)
