@@ -24,15 +24,18 @@ are *contiguous* in it, because that is where NumPy sums well:
   in one pass, and ``sums`` reduces each channel's nb * lb contiguous
   values with NumPy's pairwise summation (blocks of 128 values, 8
   accumulators, then halves; error growth about log2 of the length).
-  Per-channel vectors broadcast as (cb, 1) columns over contiguous rows,
-  which NumPy runs as a fast scalar loop per row.
+  Per-channel vectors broadcast as (cb, 1) columns over contiguous rows
+  (up to twice the time of a same-shape operation on short rows, where
+  NumPy's per-row cost shows); a one-channel block gets plain scalars.
 * 2-D input (L = 1): natural, (nb, C). Transposing (B, C) would cost a
   strided pass over the whole array (8x torch at (256, 1024) in the
   prototype), so ``sums`` adds rows instead, over a reshaped view with
   ``ACC`` accumulators: rows j, j + ACC, j + 2 ACC, ... go to accumulator j
   (each a vectorised, sequential column sum), and the ACC partial sums are
   then added in order. Error growth about nb / ACC + ACC (blocks of fewer
-  than ``ACC_ROWS`` rows are added in order: about nb).
+  than ``ACC_ROWS`` rows are added in order: about nb). A float64 2-D
+  block is already in this layout: it is read as a view (no copy), and a
+  float64 2-D result is written straight into the output.
 
 Blocks of one channel group are visited in sample order, and their sums
 added in that order, so per-channel sums are reproducible.
@@ -42,6 +45,11 @@ float32 to float64 *and* broadcasts (``scratch -= x_f32 - mean``) takes a
 buffered path, 1.2 to 4 ns per value against about 0.7 to 1 for a plain
 copy plus a float64 operation: ``load`` converts, then the formulas work on
 float64 scratch only.
+
+**Kept between two calls.** ``reduce(..., keep=True)`` on an array of one
+block leaves its float64 buffers (backward's dy and x - mean) in a second
+pool, and ``each_kept`` runs the next formula on them without loading
+again: the caller passes it on at once, on the same thread.
 
 **Plans.** ``plan(shape)`` is the block shape (nb, cb, lb), or ``"whole"``
 when the array is at most ``WHOLE`` values: one block, one NumPy call per
@@ -61,7 +69,8 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["BLOCK", "WHOLE", "ACC", "Plan", "plan", "plan_for", "load", "store", "sums"]
+__all__ = ["BLOCK", "WHOLE", "ACC", "Plan", "plan", "plan_for", "whole", "reduce", "each", "each_kept",
+           "shifted_sums", "sums"]
 
 # 2**15 float64 values = 256 KiB per buffer: a block's two or three
 # scratch buffers stay in a 0.5-2 MiB L2 cache. Tests set it tiny to run
@@ -213,11 +222,6 @@ def store(dst, index, src, major):
         block.transpose(1, 0, 2)[...] = src.reshape(block.shape[1], block.shape[0], block.shape[2])
     else:
         block[:, :, 0] = src
-
-
-def column(v, c, major):
-    """A (C,) vector's channels ``c`` shaped to broadcast against a block."""
-    return v[c, None] if major else v[c]
 
 
 def sums(a, major, out):
@@ -372,10 +376,6 @@ def each_kept(shape, k, body, vectors, dst):
     body(bufs, bufs, [v[:, None] if major and v is not None else v for v in vectors])
     (dst.transpose(1, 0, 2) if major else dst)[...] = targets[0]
     return dst
-
-
-_ALL_C = slice(None)
-_ALL = (slice(None),) * 3
 
 
 def shifted_sums(x, head, body):
