@@ -42,6 +42,9 @@ docs/derivation.md, "Accuracy"):
   non-negative terms.
 * Moving variance uses the unbiased variance M2 / (N - 1) with the group's
   total count N.
+* One answer on every machine: every sum is NumPy's own ``np.add.reduce``
+  over float64 values, never BLAS (whose kernel, and so whose order of
+  additions, OpenBLAS picks from the CPU at run time); see ``mpibn.blocks``.
 
 Speed without a lost digit:
 
@@ -54,7 +57,8 @@ Speed without a lost digit:
   cost twice a float32 input in memory, and an xhat rounded to the input
   dtype would throw away the digits that x - mean in float64 keeps.
   Recomputing x - mean costs one subtraction per value in each backward
-  pass, done in cache.
+  pass, done in cache; an array of one block forms dy and x - mean once
+  for both backward formulas (``keep``/``kept``).
 
 Shapes: x is (B, C) or (B, C, H, W), B the batch dimension (the API's N;
 here N is the group's count of values). Internally every function works on a
