@@ -243,6 +243,29 @@ def sums(a, major, out):
     return out
 
 
+def _wide(p, k, vectors):
+    """Buffers for ``vectors`` expanded to a full 2-D block, or None.
+
+    A 2-D block of several channels broadcasts each (C,) vector over its
+    rows, which costs NumPy up to 1.5x a same-shape operation. When a
+    channel group has several blocks (the blocked plan of a big 2-D array)
+    each vector is expanded once per group instead (``_expand``), and every
+    block of the group uses it as a same-shape operand."""
+    if p.major or p.full[1] == 1 or p.full[0] >= p.shape[0]:
+        return None
+    return list(scratch(p, p.full, k + len(vectors))[k:])      # after the k block buffers
+
+
+def _expand(wide, vectors, c, size, first):
+    """The columns of a 2-D block from ``_wide``'s buffers, filled on the group's first block."""
+    cb = c.stop - c.start
+    if first:
+        for w, v in zip(wide, vectors):
+            if v is not None:
+                w[:, :cb] = v[c]
+    return [None if v is None else w[:size[0], :cb] for w, v in zip(wide, vectors)]
+
+
 def _columns(vectors, c, major):
     if c.stop - c.start == 1:           # one channel: plain scalars, NumPy's fastest operand
         return [None if v is None else v[c.start] for v in vectors]
@@ -310,6 +333,7 @@ def reduce(sources, k, body, vectors, out, summed=None, keep=False):
         return sums(s[summed] if summed else s, major, out)
     p = plan_for(x.shape)
     part = np.empty((k, p.full[1]))
+    wide = _wide(p, k, vectors)
     for index, size, first in p.blocks:
         c = index[1]
         s = scratch(p, size, k)
@@ -318,7 +342,8 @@ def reduce(sources, k, body, vectors, out, summed=None, keep=False):
         if body is None:                # the one source itself is summed
             s = ins[0][None]
         else:
-            body(ins, bufs, _columns(vectors, c, p.major))
+            body(ins, bufs, _columns(vectors, c, p.major) if wide is None
+                 else _expand(wide, vectors, c, size, first))
         if summed:
             s = s[summed]
         if first:
@@ -360,11 +385,14 @@ def each(sources, k, body, vectors, dst):
             (dst.transpose(1, 0, 2) if major else dst)[...] = targets[0]
         return dst
     p = plan_for(x.shape)
-    for index, size, _ in p.blocks:
+    wide = _wide(p, k, vectors)
+    for index, size, first in p.blocks:
         bufs = list(scratch(p, size, k))
         ins = [load(b, src, index, p.major) for b, src in zip(bufs, sources)]
-        first = target(dst, index, bufs[0], p.major)
-        body(ins, bufs if first is bufs[0] else [first, *bufs[1:]], _columns(vectors, index[1], p.major))
+        out = target(dst, index, bufs[0], p.major)
+        columns = (_columns(vectors, index[1], p.major) if wide is None
+                   else _expand(wide, vectors, index[1], size, first))
+        body(ins, bufs if out is bufs[0] else [out, *bufs[1:]], columns)
         store(dst, index, bufs[0], p.major)
     return dst
 
