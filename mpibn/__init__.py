@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = ["SyncBatchNorm", "Parameter", "sync_batch_norm", "sync_batch_norm_backward", "group_comm_for",
            "make_exchange", "save_checkpoint", "load_checkpoint", "load_param_into_net", "AgreementError",
-           "CollectiveTimeout", "__version__", "functional", "init", "testing", "golden", "verify"]
+           "CollectiveTimeout", "GroupFailed", "MPIUnavailable", "__version__", "functional", "init", "testing", "golden", "verify"]
 
 # Public name -> the module that defines it (its one home).
 _HOMES = {
@@ -35,17 +35,19 @@ _HOMES = {
     "load_param_into_net": "checkpoint",
     "AgreementError": "errors",
     "CollectiveTimeout": "errors",
+    "GroupFailed": "errors",
+    "MPIUnavailable": "comm",
 }
 
 # Submodules reachable as attributes (``mpibn.functional``) without an import of their own.
 _MODULES = ("functional", "init", "testing", "golden", "verify", "comm", "sync", "layer", "agree",
-            "checkpoint", "errors", "parameter")
+            "checkpoint", "errors", "parameter", "env", "watchdog")
 
 if TYPE_CHECKING:        # for IDEs and type checkers only (go-to-definition); never run
     from . import functional, golden, init, testing, verify  # noqa: F401
     from .checkpoint import load_checkpoint, load_param_into_net, save_checkpoint  # noqa: F401
-    from .comm import group_comm_for, make_exchange  # noqa: F401
-    from .errors import AgreementError, CollectiveTimeout  # noqa: F401
+    from .comm import MPIUnavailable, group_comm_for, make_exchange  # noqa: F401
+    from .errors import AgreementError, CollectiveTimeout, GroupFailed  # noqa: F401
     from .layer import SyncBatchNorm  # noqa: F401
     from .parameter import Parameter  # noqa: F401
     from .sync import sync_batch_norm, sync_batch_norm_backward  # noqa: F401

@@ -20,7 +20,7 @@ all three); ``AgreementError`` is defined there and exported here too.
 """
 from .errors import AgreementError, builtin_exception, ranks_said, said_once
 
-__all__ = ["agree_construction", "AgreementError"]
+__all__ = ["agree_construction", "disagreement", "AgreementError"]
 
 
 def _portable_error(error):
@@ -95,7 +95,19 @@ def agree_construction(comm, fields, error=None, context="SyncBatchNorm"):
         exc = builtin_exception(failed[0][1][0])(f"{context}: invalid arguments ({len(failed)} of "
                                                  f"{len(everyone)} ranks): {said}")
         raise exc from error
-    parts = describe_disagreement([fields for _, fields in everyone])
-    if parts:
-        raise AgreementError(f"{context}: the {len(everyone)} ranks of the communicator must construct the "
-                             f"same layer, but they disagree on {'; '.join(parts)}")
+    error = disagreement([fields for _, fields in everyone], context)
+    if error is not None:
+        raise error
+
+
+def disagreement(fields_per_rank, context, who="ranks of the communicator"):
+    """The AgreementError for ranks whose fields differ (``describe_disagreement``), or None.
+
+    Also what ``mpibn.testing.reference`` raises for simulated ranks given
+    different parameters: the layer's own sentence.
+    """
+    parts = describe_disagreement(fields_per_rank)
+    if not parts:
+        return None
+    return AgreementError(f"{context}: the {len(fields_per_rank)} {who} must construct the same layer, but "
+                          f"they disagree on {'; '.join(parts)}")

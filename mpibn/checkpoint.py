@@ -30,12 +30,14 @@ another rank wrote must synchronise first (e.g. ``comm.Barrier()``).
 """
 import os
 import tempfile
+import zipfile
+import zlib
 
 import numpy as np
 
 from .parameter import Parameter
 
-__all__ = ["FORMAT_VERSION", "state_dict", "load_state_dict", "save_checkpoint", "load_checkpoint",
+__all__ = ["FORMAT_VERSION", "MAX_CHANNELS", "state_dict", "load_state_dict", "save_checkpoint", "load_checkpoint",
            "load_param_into_net"]
 
 #: Version of the on-disk format; a file with a larger number is refused.
@@ -88,6 +90,14 @@ def state_differences(layer, state, *, cast=False, missing_ok=False, unexpected_
             diffs.append(f"{name}: holds NaN or Inf")
         elif float_ok and name == "variance" and (value < 0).any():
             diffs.append(f"{name}: holds negative variances")
+        elif float_ok and value.shape == p.data.shape and value.dtype != p.data.dtype:
+            # Checked after the cast: a float32 1e5 is finite, a float16 1e5 is inf.
+            with np.errstate(over="ignore"):
+                cast_value = value.astype(p.data.dtype)
+            if not np.isfinite(cast_value).all():
+                bad = np.flatnonzero(~np.isfinite(cast_value))
+                diffs.append(f"{name}: overflows {p.data.dtype} when cast from {value.dtype} at index(es) "
+                             f"{bad[:8].tolist()} (largest finite {float(np.finfo(p.data.dtype).max):g})")
     return diffs
 
 
@@ -203,25 +213,89 @@ def save_checkpoint(layer, path, *, rank=0):
     return True
 
 
-def load_checkpoint(path):
+#: Largest channel count ``load_checkpoint`` accepts unless told otherwise (8 MiB per float64 entry).
+MAX_CHANNELS = 1 << 20
+_PARAMETER_NAMES = ("gamma", "beta", "mean", "variance")
+_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def load_checkpoint(path, *, max_channels=MAX_CHANNELS):
     """{name: Parameter} from a file written by ``save_checkpoint``.
 
-    Raises ValueError for a file that is not an mpibn checkpoint, is
-    truncated, or was written by a newer format version.
+    Reads only what a checkpoint holds, and checks before it reads: the
+    archive's entries must be known names (``gamma``, ``beta``, ``mean``,
+    ``variance``, ``__mpibn_format__``), and each entry's .npy header (shape
+    (C,) with C <= ``max_channels``, a float dtype; the format a scalar
+    integer) is checked before a byte of its data is read. So a small file
+    cannot make this allocate gigabytes (a compressed entry of zeros), and
+    an unknown entry is refused, not read. Raises ValueError for a file that
+    is not an mpibn checkpoint, is truncated or corrupt, holds unknown or
+    oversized entries, or was written by a newer format version;
+    FileNotFoundError when there is no file.
     """
+    path = os.fspath(path)
     try:
-        with np.load(os.fspath(path), allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except (OSError, ValueError, EOFError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
-        raise ValueError(f"{path}: not a readable mpibn checkpoint ({type(exc).__name__}: {exc})") from exc
-    except Exception as exc:                 # zipfile.BadZipFile and friends
-        raise ValueError(f"{path}: not a readable mpibn checkpoint ({type(exc).__name__}: {exc})") from exc
-    version = arrays.pop(FORMAT_KEY, None)
-    if version is None or version.shape != () or version.dtype.kind not in "iu":
+        with zipfile.ZipFile(path) as archive:
+            arrays = _read_entries(path, archive, max_channels)
+    except (FileNotFoundError, IsADirectoryError):
+        raise
+    except ValueError:
+        raise
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError) as exc:
+        why = "not a zip (.npz) archive" if isinstance(exc, zipfile.BadZipFile) and "not a zip" in str(exc) \
+            else f"{type(exc).__name__}: {exc}"
+        raise ValueError(f"{path}: not a readable mpibn checkpoint ({why})") from exc
+    return {name: Parameter(data, name, requires_grad=name in ("gamma", "beta")) for name, data in arrays.items()}
+
+
+def _read_entries(path, archive, max_channels):
+    """The checked arrays of an open archive: headers first, then data of known size."""
+    entries = {}
+    for info in archive.infolist():
+        name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+        entries[name] = info
+    unknown = [n for n in entries if n not in _PARAMETER_NAMES and n != FORMAT_KEY]
+    if FORMAT_KEY not in entries:
         raise ValueError(f"{path}: not an mpibn checkpoint (no {FORMAT_KEY} entry)")
+    if unknown:
+        raise ValueError(f"{path}: not a readable mpibn checkpoint (unknown entries {unknown[:8]}; a "
+                         f"checkpoint holds {list(_PARAMETER_NAMES)} and {FORMAT_KEY}); nothing was read")
+    version = _read_entry(path, archive, entries[FORMAT_KEY], FORMAT_KEY, max_channels)
     if int(version) > FORMAT_VERSION:
         raise ValueError(f"{path}: format version {int(version)} is newer than this mpibn's "
                          f"{FORMAT_VERSION}; upgrade mpibn to read it")
-    return {name: Parameter(data, name, requires_grad=name in ("gamma", "beta")) for name, data in arrays.items()}
+    arrays = {name: _read_entry(path, archive, info, name, max_channels)
+              for name, info in entries.items() if name != FORMAT_KEY}
+    shapes = {a.shape for a in arrays.values()}
+    if len(shapes) > 1:
+        raise ValueError(f"{path}: not a readable mpibn checkpoint (its parameters have different "
+                         f"shapes: { {n: a.shape for n, a in arrays.items()} })")
+    return arrays
+
+
+def _read_entry(path, archive, info, name, max_channels):
+    """One entry: its header checked, then exactly the bytes it announces, then the end."""
+    with archive.open(info) as f:
+        try:
+            major, _ = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else \
+                np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+        except ValueError as exc:            # not a .npy header: numpy's words, with the path
+            raise ValueError(f"{path}: not a readable mpibn checkpoint (entry {name!r}: {exc})") from None
+        if name == FORMAT_KEY:
+            expected = shape == () and dtype.kind in "iu" and dtype.itemsize <= 8
+            want = "a scalar integer"
+        else:
+            expected = len(shape) == 1 and 1 <= shape[0] <= max_channels and \
+                (dtype in _FLOATS or dtype.newbyteorder("=") in _FLOATS)
+            want = f"shape (C,) with 1 <= C <= max_channels={max_channels}, float16, float32 or float64"
+        if not expected:
+            raise ValueError(f"{path}: not a readable mpibn checkpoint (entry {name!r}: shape {shape}, "
+                             f"dtype {dtype}; expected {want}); its data was not read")
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        data = f.read(size)
+        if len(data) != size or f.read(1):
+            raise ValueError(f"{path}: not a readable mpibn checkpoint (entry {name!r} holds "
+                             f"{'less' if len(data) != size else 'more'} data than its header says)")
+    return np.frombuffer(data, dtype).reshape(shape).astype(dtype.newbyteorder("="))

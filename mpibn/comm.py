@@ -19,7 +19,7 @@ bitwise as it was sent, whatever order or tree the MPI library used (only a
 -0.0 comes back as +0.0), and the caller combines the rows in rank order
 itself. Why, and why an Allreduce rather than an Allgather (a choice for
 simplicity: one code path for both modes; in the default mode an Allgather
-would move about half the bytes): docs/derivation.md, section 1. The
+would move about half the bytes): docs/derivation.md, sections 1 and 7. The
 price is P rows instead of one: P * (12 + 2C) numbers, small next to the
 activations for any realistic P.
 
@@ -29,28 +29,45 @@ found a problem in its own input: it still joins the collective, so nobody
 hangs, and then every rank raises the same exception (``errors.raise_agreed``).
 ``layer_r`` and ``call_r`` say which layer and which of its calls the rank
 is in: ranks that mix up their layers get an agreed error, not a silent mix
-of two layers' statistics.
+of two layers' statistics, and the group stops (fail-stop, ``mpibn.errors``).
+
+Fail-stop's requests and buffers are here: a request left pending when a
+rank gives up keeps its buffers for good (``GroupComm._abandon``), and in
+debug mode the rank tells its peers with a stop notice (``heed_stops``).
 """
-import os
 import time
 
 import numpy as np
 
-from .errors import N_DETAILS, check_tags, collective_timeout, raise_agreed
+from . import env, watchdog
+from .errors import (N_DETAILS, STOP_INTERRUPTED, STOP_MPI_ERROR, STOP_TIMEOUT, GroupFailed, check_alive,
+                     check_tags, collective_timeout, describe_stop, raise_agreed, stop_group)
 # Moved to mpibn.errors (the home of every cross-rank error); importable from here for one release.
 from .errors import CollectiveTimeout, describe_tag, local_problem  # noqa: F401
 from .exact import SUMMED_WIDTH
+
+
+class MPIUnavailable(ImportError):
+    """mpi4py, or the MPI library it loads, is missing."""
 
 
 def _mpi():
     # mpi4py is imported (and MPI initialised) on the first collective, not
     # at import: mpibn.sync and mpibn.testing import this module and must
     # run where mpi4py is not installed (mpibn.testing simulates the group).
-    from mpi4py import MPI
+    try:
+        from mpi4py import MPI
+    except (ImportError, RuntimeError) as exc:
+        # mpi4py's own message lists every libmpi path it tried, over many lines.
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise MPIUnavailable(
+            f"mpibn needs an MPI library for SyncBatchNorm and the synced functions, and none could be "
+            f"loaded ({first}): pip install 'mpibn[mpich]', or install a system MPI; mpibn.testing and "
+            f"mpibn.functional need none") from None
     return MPI
 
 
-__all__ = ["GroupComm", "RowExchange", "CollectiveTimeout", "group_comm_for",
+__all__ = ["GroupComm", "RowExchange", "CollectiveTimeout", "MPIUnavailable", "group_comm_for",
            "validate_process_groups", "group_of", "make_exchange"]
 
 # A row's header, column by column: status (a problem code, 0 for none), count,
@@ -132,17 +149,24 @@ class GroupComm:
     communicated. ``ranks`` are the members' ranks in the parent
     communicator, in group-rank order. ``allreduce_calls`` counts the
     collectives made, for tests and for the curious.
+
+    ``failure``: None, or the first fatal error on this group (fail-stop,
+    ``mpibn.errors``): then every call raises GroupFailed before touching
+    the buffer. A request left pending at a failure keeps its buffers in
+    ``_abandoned`` for good, and the group gets new ones: MPI may still
+    write into the old ones, so they are never reused, and never freed.
     """
 
-    def __init__(self, comm, ranks, parent_rank):
+    def __init__(self, comm, ranks, parent_rank, debug_timeout=None):
         self.comm = comm
         self.ranks = tuple(ranks)
         self.rank = self.ranks.index(parent_rank)
         self.size = len(self.ranks)
         self.allreduce_calls = 0
         # Debug mode (see _allreduce_with_deadline): seconds, or None.
-        timeout = os.environ.get("MPIBN_DEBUG_TIMEOUT")
-        self.debug_timeout = float(timeout) if timeout else None
+        self.debug_timeout = debug_timeout if debug_timeout is not None else env.debug_timeout()
+        self.failure = self.failure_text = None
+        self._abandoned = []
         self._users = 0
         self._cache, self._key = {}, None     # where group_comm_for keeps this group
         self._layers = 0
@@ -166,9 +190,12 @@ class GroupComm:
         """
         width, summed = max(width, self._buf.shape[1]), max(summed, self._summed.size)
         if (width, summed) != (self._buf.shape[1], self._summed.size):
-            self._flat = np.zeros(self.size * width + summed)
-            self._buf = self._flat[:self.size * width].reshape(self.size, width)
-            self._summed = self._flat[self.size * width:]
+            self._new_buffer(width, summed)
+
+    def _new_buffer(self, width, summed):
+        self._flat = np.zeros(self.size * width + summed)
+        self._buf = self._flat[:self.size * width].reshape(self.size, width)
+        self._summed = self._flat[self.size * width:]
 
     def buffer(self):
         """The group's (P, width) exchange buffer, zeroed (and its summed region)."""
@@ -182,15 +209,21 @@ class GroupComm:
         return self._layers
 
     def allreduce_sum(self, buf, tag=(0, 0)):
-        """In-place SUM Allreduce of a float64 array over the group."""
+        """In-place SUM Allreduce of a float64 array over the group.
+
+        An exception inside the collective (an MPI error) stops the group:
+        whether the peers completed it is unknown."""
         if self.comm is None:
             return buf
         if self.debug_timeout is None:
             # Uppercase (buffer) Allreduce: no pickling on the hot path.
             MPI = _mpi()
-            self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-        else:
-            self._allreduce_with_deadline(buf, tag)
+            try:
+                self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            except MPI.Exception as exc:
+                raise stop_group(self, exc) from None
+        elif not self._allreduce_with_deadline(buf, tag):
+            return buf                # a peer stopped the group: the caller raises GroupFailed
         self.allreduce_calls += 1
         return buf
 
@@ -205,25 +238,117 @@ class GroupComm:
         those that are in another call, and those that arrived but went
         silent: ``_silent``); under ``python -m mpi4py`` that ends the whole
         job instead of leaving it to hang.
+
+        Fail-stop: a rank that gives up (deadline, or any exception while
+        the request is pending) stops the group, abandons the pending
+        request with its buffers and sends every peer a stop notice. A rank
+        that is only late finds the notice before it joins, or while it
+        polls, and stops too (``heed_stops``; the caller checks after the
+        reduction: a late rank whose reduction completed from its peers'
+        abandoned requests must not use it).
         """
         MPI = _mpi()
+        if self.heed_stops():
+            return False              # a peer stopped the group: do not join
         me = np.array(tag, dtype=np.float64)
         peers = [r for r in range(self.size) if r != self.rank]
         heard = {r: np.zeros(2) for r in peers}
         requests = [self.comm.Isend(me, dest=r, tag=_DEBUG_TAG) for r in peers]
         receives = {r: self.comm.Irecv(heard[r], source=r, tag=_DEBUG_TAG) for r in peers}
         reduction = self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        pending = (reduction, buf, me, heard, requests, receives)
         deadline = time.monotonic() + self.debug_timeout
-        while not reduction.Test():
-            if time.monotonic() > deadline:
-                missing = [self.ranks[r] for r, q in receives.items() if not q.Test()]
-                elsewhere = [(self.ranks[r], heard[r]) for r, q in receives.items()
-                             if self.ranks[r] not in missing and tuple(heard[r]) != tuple(me)]
-                lost = self._silent([r for r in peers if self.ranks[r] not in missing])
-                raise collective_timeout(self.ranks[self.rank], self.debug_timeout, tag, self.ranks,
-                                         missing, elsewhere, lost, _PROBE_GRACE)
-            time.sleep(1e-4)
+        try:
+            while not reduction.Test():
+                if self.heed_stops():
+                    self._abandon(pending)
+                    return False
+                if time.monotonic() > deadline:
+                    exc = self._timeout(tag, me, heard, receives, peers)
+                    self._abandon(pending, STOP_TIMEOUT, tag)
+                    raise self._stop_unreachable(exc)
+                time.sleep(1e-4)
+        except CollectiveTimeout:
+            raise
+        except BaseException as exc:          # KeyboardInterrupt, an MPI error: still pending
+            self._abandon(pending, STOP_MPI_ERROR if isinstance(exc, MPI.Exception) else STOP_INTERRUPTED,
+                          tag)
+            if isinstance(exc, Exception):
+                stop_group(self, exc)
+            else:
+                stop_group(self, RuntimeError(f"{type(exc).__name__} while waiting in "
+                                              f"{describe_tag(tag)}"))
+            raise
         MPI.Request.Waitall(requests + list(receives.values()))
+        return True
+
+    def _timeout(self, tag, me, heard, receives, peers):
+        """The CollectiveTimeout for a deadline passed: who never arrived, who is
+        elsewhere, who arrived and went silent."""
+        missing = [self.ranks[r] for r, q in receives.items() if not q.Test()]
+        elsewhere = [(self.ranks[r], heard[r]) for r, q in receives.items()
+                     if self.ranks[r] not in missing and tuple(heard[r]) != tuple(me)]
+        lost = self._silent([r for r in peers if self.ranks[r] not in missing])
+        return collective_timeout(self.ranks[self.rank], self.debug_timeout, tag, self.ranks,
+                                  missing, elsewhere, lost, _PROBE_GRACE)
+
+    def _abandon(self, pending, why=None, tag=None):
+        """Leave a pending request behind for good: keep it and every buffer it
+        uses alive (freeing an active collective request is erroneous, and MPI
+        may still write into them), give the group a new buffer of the same
+        size, and (``why``) tell every peer that this rank stopped the group."""
+        self._abandoned.append(pending)
+        self._new_buffer(self._buf.shape[1], self._summed.size)
+        if why is not None:
+            notice = np.array([why, *tag, self.ranks[self.rank]], dtype=np.float64)
+            sends = [self.comm.Isend(notice, dest=r, tag=_STOP_TAG)
+                     for r in range(self.size) if r != self.rank]
+            self._abandoned.append((notice, sends))
+
+    def heed_stops(self):
+        """Debug mode: take in the peers' stop notices that have arrived (no
+        waiting, no collective); the first stops this group. True if stopped."""
+        if self.comm is None or self.debug_timeout is None:
+            return self.failure is not None
+        while True:
+            notice = self._next_notice()
+            if notice is None:
+                return self.failure is not None
+            if self.failure is None:
+                self._stop_unreachable(GroupFailed(describe_stop(notice)))
+
+    def _next_notice(self):
+        """The next stop notice that has arrived, or None; never blocks.
+
+        One probe drives MPI's progress once, and a message that arrived while
+        this rank made no MPI call is often matched only by the next (measured
+        with MPICH/UCX): up to _STOP_PROBES probes, microseconds each. A matched
+        probe (Improbe) takes that very message off the queue, and its receive
+        is waited for at most _PROBE_GRACE s (a blocking Recv after Iprobe hung
+        across emulated hosts): a notice whose data never comes still says that
+        a peer stopped the group."""
+        MPI = _mpi()
+        message = next((m for m in (self.comm.Improbe(source=MPI.ANY_SOURCE, tag=_STOP_TAG)
+                                    for _ in range(_STOP_PROBES)) if m is not None), None)
+        if message is None:
+            return None
+        notice = np.full(4, -1.0)
+        request = message.Irecv(notice)
+        end = time.monotonic() + _PROBE_GRACE
+        while not request.Test():
+            if time.monotonic() > end:
+                self._abandoned.append((request, notice))
+                return np.array([0, -2, 0, -1])          # "a peer stopped the group", no details
+            time.sleep(1e-4)
+        return notice
+
+    def _stop_unreachable(self, exc):
+        """Stop the group on a failure after which a peer may be gone or cut off: the
+        process must then end in bounded time unless it recovers (``mpibn.watchdog``)."""
+        stop_group(self, exc)
+        watchdog.arm(f"process group {list(self.ranks)} stopped on rank {self.ranks[self.rank]}: "
+                     f"{self.failure_text.splitlines()[0][:300]}")
+        return exc
 
     def _silent(self, arrived):
         """Which of the peers that arrived are gone (debug mode, past the deadline).
@@ -240,23 +365,33 @@ class GroupComm:
             time.sleep(1e-3)
         # Probes to and from lost peers never complete: keep them (and their
         # buffers) alive rather than let MPI write into freed memory.
-        self._abandoned = (sends, probes)
+        self._abandoned.append((sends, probes))
         return [self.ranks[r] for r, q in probes.items() if not q.Test()]
 
+    def forget(self):
+        """Leave the cache of communicators (fail-stop): new layers with this
+        grouping split a new communicator instead of sharing a stopped one."""
+        if self._cache.get(self._key) is self:
+            del self._cache[self._key]
+
     def release(self):
-        """Drop one user; the communicator is freed with its last user."""
+        """Drop one user; the communicator is freed with its last user (a
+        stopped group's is not: abandoned requests may still use it)."""
         self._users -= 1
         if self._users > 0:
             return
-        self._cache.pop(self._key, None)
-        if self.comm is not None:
+        self.forget()
+        if self.comm is not None and not self._abandoned:
             self.comm.Free()
-            self.comm = None
+        self.comm = None
+
 
 
 _DEBUG_TAG = 0x6D70   # point-to-point tag of the debug-mode "I am here" messages
 _PROBE_TAG = 0x6D71   # and of the probes sent past a deadline
+_STOP_TAG = 0x6D72    # and of the stop notices (fail-stop)
 _PROBE_GRACE = 2.0    # seconds a rank waits for its peers' probes
+_STOP_PROBES = 3      # Iprobe calls that look for a stop notice before a collective
 
 # Comm.Split calls made so far (tests check that layers share communicators).
 split_calls = 0
@@ -288,20 +423,39 @@ def group_comm_for(comm, process_groups):
 
     A collective over ``comm`` the first time a grouping is seen: every rank
     of ``comm`` must call it (i.e. construct the layer) together, in the
-    same order. Later layers with the same grouping share the communicator.
+    same order. Later layers with the same grouping share the communicator,
+    unless it stopped (fail-stop): then a new one is split.
     """
     groups = validate_process_groups(process_groups, comm.Get_size())
     cache = group_cache(comm)
-    group = cache.get(groups)
+    group = cached_group(comm, groups)
     if group is None:
-        group = _split(comm, groups)
+        # A bad MPIBN_DEBUG_TIMEOUT on one rank must not leave the others in
+        # the Split: every rank raises it (one small allgather per new group).
+        from .agree import agree_construction
+        try:
+            timeout, error = env.debug_timeout(), None
+        except ValueError as exc:
+            timeout, error = None, exc
+        agree_construction(comm, {}, error, "process group communicator")
+        watchdog.disarm()        # every rank of comm answered: the program recovered
+        group = _split(comm, groups, timeout)
         group._cache, group._key = cache, groups
         cache[groups] = group
     group._users += 1
     return group
 
 
-def _split(comm, groups):
+def cached_group(comm, groups):
+    """The live GroupComm for canonical ``groups`` on ``comm``, or None (none yet,
+    or it stopped; a peer's stop notice that arrived counts)."""
+    group = group_cache(comm).get(groups)
+    if group is not None and group.heed_stops():
+        return None
+    return group
+
+
+def _split(comm, groups, debug_timeout=None):
     MPI = _mpi()
     rank, size = comm.Get_rank(), comm.Get_size()
     if groups is None:
@@ -313,7 +467,7 @@ def _split(comm, groups):
     global split_calls
     split_calls += 1
     sub = comm.Split(color, key=rank)
-    return GroupComm(None if sub == MPI.COMM_NULL else sub, mine, rank)
+    return GroupComm(None if sub == MPI.COMM_NULL else sub, mine, rank, debug_timeout)
 
 
 class RowExchange:
@@ -363,6 +517,7 @@ class RowExchange:
         ``FILLED`` when it was written into ``payload()`` already.
         """
         group = self.group
+        check_alive(group, context)                    # a stopped group runs nothing (fail-stop)
         buf = group._buf if payload is FILLED else group.buffer()
         row = buf[group.rank]
         row[LAYER], row[CALL] = tag                    # two scalars: no array made from a tuple
@@ -380,11 +535,16 @@ class RowExchange:
                 group._summed[:self.summed_width] = np.ravel(summed)
         # The rows alone when the group has no summed region (the same memory).
         group.allreduce_sum(group._flat if group._summed.size else buf, tag)
-        # Cheap tests first (this is every call's path); the functions build the messages.
-        if (row[STATUS] != 0.0) if group.size == 1 else buf[:, STATUS].any():
-            raise_agreed(buf[:, STATUS], buf[:, DETAILS], group.ranks, context, problem)
-        if group.size > 1:
-            check_tags(buf[:, TAG], group.ranks, context)
+        # A peer stopped the group while this rank was late: its result is not used.
+        check_alive(group, context)
+        # Cheap tests first (this is every call's path); the functions build the
+        # messages, and an error with the ranks out of step stops the group.
+        tags = buf[:, TAG] if group.size > 1 else None
+        if (row[STATUS] != 0.0) if tags is None else buf[:, STATUS].any():
+            raise_agreed(buf[:, STATUS], buf[:, DETAILS], group.ranks, context, problem, tags,
+                         group)
+        if tags is not None:
+            check_tags(tags, group.ranks, context, group)
         payloads = buf[:, HEADER:self.width].reshape(-1, self.k, self.channels)
         return buf[:, COUNT].copy(), payloads.copy()
 

@@ -30,8 +30,12 @@ Not agreed, but bounded: in debug mode a rank that waits past its deadline
 raises ``CollectiveTimeout`` naming the peers that never arrived
 (``mpibn.comm``, ``collective_timeout``).
 
+**Fail-stop** (the end of this module): an agreed error that leaves the
+ranks out of step, or a CollectiveTimeout, stops the group; every later call
+on its layers raises ``GroupFailed`` at once, on this rank alone.
+
 Exception types travel by name, so only builtin types (``builtin_exception``)
-and this module's own two come out the same on every rank.
+and this module's own come out the same on every rank.
 """
 import builtins
 from enum import IntEnum
@@ -71,6 +75,8 @@ class Code(IntEnum):
     DY_SUBCLASS = 12
     X_CHANGED = 13
     LOCAL_ERROR = 14
+    EXCHANGE_NOT_EXACT = 15
+    X_SUM_OVERFLOW = 16
 
 
 # code -> (exception type, sentence built from the details)
@@ -99,6 +105,12 @@ PROBLEMS = {
     # The exception type travels as its name (see Problem.from_exception).
     Code.LOCAL_ERROR: (None, lambda d: f"{_unpack_name(d)} raised in this rank's own computation before "
                                        f"the collective (that rank's traceback shows it)"),
+    Code.EXCHANGE_NOT_EXACT: (ValueError, lambda d: "exact=True needs an exchange made by "
+                                                    "mpibn.make_exchange(..., exact=True)"),
+    # d: up to N_DETAILS channels
+    Code.X_SUM_OVERFLOW: (FloatingPointError, lambda d: f"x is finite, but its sum overflows float64 at "
+                                                        f"channel(s) {[int(c) for c in d if c >= 0]}: "
+                                                        f"scale the input down"),
 }
 # ndarray subclasses whose meaning the math would silently drop (details[0]).
 _MASKED, _MATRIX = 1, 2
@@ -268,7 +280,7 @@ def guarded(problem, work):
 
 # -- Reading the rows back: one agreed exception on every rank ---------------------------
 
-def raise_agreed(codes, details, ranks, context, own=None):
+def raise_agreed(codes, details, ranks, context, own=None, tags=None, group=None):
     """Raise, on every rank, the exception for the problems the rows carry.
 
     ``codes`` (P,): each row's status (0: no problem); ``details`` (P,
@@ -276,15 +288,24 @@ def raise_agreed(codes, details, ranks, context, own=None):
     type is that of the lowest-ranked offender; the message names every
     offending rank and its problem, each distinct problem once. ``own``:
     this rank's Problem, if any; the local exception behind it
-    (``Problem.cause``) is chained on this rank.
+    (``Problem.cause``) is chained on this rank. ``tags`` (P, 2): the rows'
+    (layer, call); when they differ the ranks are out of step, and the
+    error stops ``group`` (fail-stop, ``stop_group``).
     """
     bad = np.flatnonzero(codes)
     if bad.size == 0:
         return
     problems = [(ranks[r], Problem.from_numbers(codes[r], details[r])) for r in bad]
     parts = said_once((rank, p.describe()) for rank, p in problems)
+    in_step = tags is None or (tags == tags[0]).all()
+    if not in_step:
+        calls = {}
+        for rank, tag in zip(ranks, tags):
+            calls.setdefault(describe_tag(tag), []).append(rank)
+        parts += " (and the ranks were in different calls: " + ", ".join(
+            f"{call} on {ranks_said(on)}" for call, on in calls.items()) + ")"
     exc = problems[0][1].exception(f"{context} (group ranks {list(ranks)}): {parts}")
-    raise exc from getattr(own, "cause", None)
+    raise (exc if in_step else stop_group(group, exc)) from getattr(own, "cause", None)
 
 
 def describe_tag(tag):
@@ -300,15 +321,16 @@ def describe_tag(tag):
     return f"layer {code // 2} {'backward' if code % 2 else 'forward'} call {call}"
 
 
-def check_tags(tags, ranks, context):
-    """Every rank must be in the same call of the same layer: ``tags`` (P, 2), one per row."""
+def check_tags(tags, ranks, context, group=None):
+    """Every rank must be in the same call of the same layer: ``tags`` (P, 2), one per row.
+    When they are not, the ranks are out of step: the error stops ``group`` (fail-stop)."""
     if (tags == tags[0]).all():
         return
     calls = said_once((rank, describe_tag(t)) for rank, t in zip(ranks, tags))
-    raise RuntimeError(f"{context} (group ranks {list(ranks)}): ranks are in different layer "
-                       f"calls, so their statistics cannot be combined: {calls}. Every rank of a "
-                       f"group must call its layers in the same order (layers are numbered in "
-                       f"the order they were constructed)")
+    raise stop_group(group, RuntimeError(
+        f"{context} (group ranks {list(ranks)}): ranks are in different layer calls, so their "
+        f"statistics cannot be combined: {calls}. Every rank of a group must call its layers in the "
+        f"same order (layers are numbered in the order they were constructed)"))
 
 
 def local_problem(problem, group, context):
@@ -332,3 +354,89 @@ def collective_timeout(rank, seconds, tag, group_ranks, missing, elsewhere, lost
         + (f"; in another call: {calls}" if elsewhere else "")
         + (f"; lost (arrived, then silent {grace} s after the deadline: dead or cut off): {lost}"
            if lost else ""))
+
+
+# -- fail-stop ----------------------------------------------------------------------------
+#
+# Most agreed errors leave every rank of the group in the same call: a bad x,
+# NaN in the batch, a bad dy. The step failed, the next one works. Two kinds do
+# not, and after them no later collective can be trusted to match:
+#
+# * ranks that were in different calls (their rows' (layer, call) tags
+#   differ): one rank skipped or repeated a call, so from now on its
+#   collectives pair with its peers' other calls;
+# * a collective that did not complete on this rank (CollectiveTimeout, an
+#   interrupt or an MPI error inside it): a peer may be gone, or late and
+#   about to complete a call its peers gave up; and a request is still
+#   pending on the group's buffer.
+#
+# Then the group stops (fail-stop, the model of ULFM's MPI_Comm_revoke and of
+# PyTorch's NCCL watchdog; the mpich wheel's MPI has no Comm.Revoke, so mpibn
+# keeps the state itself): the GroupComm records the first failure, every
+# later call on any layer of the group raises GroupFailed at once, locally,
+# with no collective, and in debug mode the rank that stopped tells its
+# peers, so that a rank that was only late stops at its next call
+# (``mpibn.comm``: stop notices).
+
+#: What a rank tells its peers when it stops the group on its own (debug mode): the
+#: first number of its stop notice [why, layer, call, its rank] (``mpibn.comm``).
+STOP_TIMEOUT, STOP_INTERRUPTED, STOP_MPI_ERROR = 1, 2, 3
+_STOP_WHY = {STOP_TIMEOUT: "its collective timed out (debug_timeout)",
+             STOP_INTERRUPTED: "an exception interrupted its collective",
+             STOP_MPI_ERROR: "MPI raised an error in its collective"}
+
+WHAT_TO_DO = ("restore every rank from the last checkpoint into new layers (mpibn.load_checkpoint, "
+              "then load_param_into_net), or end the job and restart it from that checkpoint")
+
+
+class GroupFailed(RuntimeError):
+    """A call on a process group that stopped after a fatal error (fail-stop).
+
+    ``first`` is the first fatal error this rank saw on the group (also the
+    ``__cause__``)."""
+
+    def __init__(self, message, first=None):
+        super().__init__(message)
+        self.first = first
+
+
+def stop_group(group, exc):
+    """Fail-stop: ``exc`` stops ``group`` on this rank. The first fatal error is
+    kept (for later calls' GroupFailed), the group forgets its communicator's
+    cache entry (new layers get a new communicator), and ``exc``'s message
+    gains a sentence saying so; returned for ``raise``."""
+    if group is None:                # a caller with no group to stop (the rows alone)
+        return exc
+    if group.failure is None:
+        group.failure = exc
+        group.failure_text = f"{type(exc).__name__}: {exc}"
+        group.forget()
+    if exc.args and isinstance(exc.args[0], str):
+        exc.args = (f"{exc.args[0]}; this error stops the group (fail-stop): every later call on "
+                    f"its layers raises GroupFailed",) + tuple(exc.args[1:])
+    return exc
+
+
+def describe_stop(numbers):
+    """A peer's stop notice (kind, layer, call, its rank) in words (rank -1: a notice
+    whose contents never arrived)."""
+    kind, layer, call, rank = (int(v) for v in numbers)
+    if rank < 0:
+        return "a peer stopped the group (its stop notice arrived, its details did not)"
+    return (f"rank {rank} stopped the group: {_STOP_WHY.get(kind, 'it failed')} in "
+            f"{describe_tag((layer, call))}; this rank was late to that call, or cut off")
+
+
+def check_alive(group, context):
+    """Raise GroupFailed at once if ``group`` stopped (no communication: in
+    debug mode a peer's stop notice that already arrived counts)."""
+    if group is None:
+        return
+    group.heed_stops()
+    first = group.failure
+    if first is not None:
+        raise GroupFailed(
+            f"{context} (group ranks {list(group.ranks)}): this process group stopped after a fatal "
+            f"error and runs nothing more (fail-stop). First failure seen by rank "
+            f"{group.ranks[group.rank]}: {group.failure_text}. The ranks may be out of step, "
+            f"or a peer may be gone, so no later result could be trusted: {WHAT_TO_DO}", first) from first

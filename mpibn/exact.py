@@ -13,34 +13,45 @@ The grid covers the whole float64 range (LIN_LIMBS = 68 limbs for values,
 PROD_LIMBS = 134 for products, with 64 bits of headroom for the count), so
 no exponent window has to be agreed between ranks before the one Allreduce.
 
-Why it is exact and order-free: each rank normalises its limbs to [0, 2^32)
-(the top limb keeps the sign and stays tiny), so the group's SUM Allreduce
-of float64 limbs only ever adds integers below P * 2^32 < 2^53: every partial
-sum is exact, in any order or tree the MPI library picks. Integer addition is
-associative, so the global limbs, and hence the statistics, are bitwise the
-same however the global batch is split across ranks (partition invariance).
+The three steps, each in its own module:
 
-Per channel the group then holds N, S1 = sum x and S2 = sum x^2 exactly, and::
+* this rank's exact sums: fixed-point pieces whose products and sums are
+  exact integers in any summation order (``mpibn.exact_pieces``), put into
+  the limbs here; a channel the pieces cannot take (a non-finite value, a
+  range of exponents wider than their window) takes ``_general_sums``;
+* the group's: each rank sends *balanced* limbs (|limb| <= 2^31 + 1, any
+  sign), so the SUM Allreduce of float64 limbs only ever adds integers
+  below P * 2^32 < 2^53: every partial sum is exact, in any order or tree
+  the MPI library picks. Integer addition is associative, so the global
+  limbs, and hence the statistics, are bitwise the same however the global
+  batch is split across ranks (partition invariance);
+* the finish (``exact_stats``, ``backward_means``): per channel, with N, S1 =
+  sum x and S2 = sum x^2 held exactly::
 
     mean          = S1 / N                       rounded once to float64
     var (biased)  = (N S2 - S1^2) / N^2          rounded once to float64
     var_unbiased  = (N S2 - S1^2) / (N (N - 1))  rounded once to float64
 
-computed with Python integers (CPython's int / int true division is
-correctly rounded). Non-finite inputs cannot live on the grid; they are
-summed separately in IEEE arithmetic (``special``: only 0, +-inf and NaN
-occur there, and adding those is order-free too) and override the exact part.
+  computed for every channel at once with exact digits and a certified
+  double-double quotient (``mpibn.exact_round``); the few channels it
+  cannot certify (exact ties, results outside the normal range) with
+  Python integers (CPython's int / int true division is correctly rounded).
 
-Cost: per element about a dozen integer operations and two ``np.bincount``
-scatters; per channel SUMMED_WIDTH float64 limbs travel, on top of the
-per-rank rows (measured costs: docs/ground-truth.md, section "exact=True").
+Non-finite inputs cannot live on the grid; they are summed separately in
+IEEE arithmetic (``special``: only 0, +-inf and NaN occur there, and adding
+those is order-free too) and override the exact part. Per channel
+SUMMED_WIDTH float64 limbs travel, on top of the per-rank rows (measured
+costs: docs/ground-truth.md, section "exact=True").
 """
 from fractions import Fraction
 
 import numpy as np
 
+from .exact_pieces import piece_sums
+from .exact_round import Digits, round_all
+
 __all__ = ["LIN_LIMBS", "PROD_LIMBS", "SUMMED_WIDTH", "exact_sums", "limbs_to_ints",
-           "round_fraction", "exact_stats", "round_sums"]
+           "round_fraction", "exact_stats", "backward_means"]
 
 LIMB_BITS = 32
 LIN_BASE = -1074            # the least subnormal
@@ -130,8 +141,97 @@ def _pieces(mant):
     return mant & mask, (mant >> _THIRD) & mask, mant >> (2 * _THIRD)
 
 
-def exact_sums(u, w=None):
+def exact_sums(u, w=None, *, balanced=False):
     """Exact per-channel sum of u and of u * w (w = u when None), as limbs.
+
+    ::
+
+        lin[c]     : limbs of sum_i u[i, c]              (C, LIN_LIMBS)  int64
+        prod[c]    : limbs of sum_i u[i, c] * w[i, c]    (C, PROD_LIMBS) int64
+        special[0] : IEEE sum of the non-finite u[:, c]  (C,) 0, +-inf or NaN
+        special[1] : IEEE sum of u * w where a factor is non-finite
+
+    u, w: (B, C) or (B, C, L) arrays of one shape, any float dtype (i runs
+    over the B * L values of channel c). Most channels are summed from
+    fixed-point pieces (``mpibn.exact_pieces``); one with a non-finite value
+    or too wide a range of exponents goes through ``_general_sums``.
+
+    The limbs come normalised (0..K-2 in [0, 2^32), the top one signed),
+    or with ``balanced=True`` in the form that travels: every |limb| <=
+    2^31 + 1, any sign. Balanced limbs keep a negative sum as sparse as a
+    positive one (no run of 2^32 - 1 up to the top limb), and P ranks'
+    limbs still add to less than 2^53 for P < 2^21.
+    """
+    u3, w3 = _ncl(u), None if w is None else _ncl(w)
+    channels = u3.shape[1]
+    lin = np.zeros((channels, LIN_LIMBS), np.int64)
+    prod = np.zeros((channels, PROD_LIMBS), np.int64)
+    special = np.zeros((2, channels))
+    (lc, lv, le), (pc, pv, pe), slow = piece_sums(u3, w3)
+    _balance(lin, _deposit(lin, lc, lv, le - LIN_BASE))
+    _balance(prod, _deposit(prod, pc, pv, pe - PROD_BASE))
+    for c in np.flatnonzero(slow):
+        uc = u3[:, c, :].reshape(-1, 1)
+        wc = None if w3 is None else w3[:, c, :].reshape(-1, 1)
+        one_lin, one_prod, one_special = _general_sums(uc, wc)
+        lin[c], prod[c] = _balanced_row(one_lin, LIN_LIMBS), _balanced_row(one_prod, PROD_LIMBS)
+        special[:, c] = one_special[:, 0]
+    if not balanced:
+        normalise(lin)
+        normalise(prod)
+    return lin, prod, special
+
+
+def _balance(acc, columns):
+    """Carry int64 limbs (C, K) in place into [-2^31, 2^31] over ``columns`` (a slice).
+
+    Two rounds of rounded carries: after the first, |limb| < 2^31 + 2^30
+    (the limbs held less than 2^62); after the second, |limb| <= 2^31 + 1.
+    No carry ripples, whatever the signs. The columns reach two past the
+    highest deposit, so the carries stay inside.
+    """
+    view = acc[:, columns]
+    for _ in range(2):
+        carry = (view[:, :-1] + (1 << (LIMB_BITS - 1))) >> LIMB_BITS
+        view[:, :-1] -= carry << LIMB_BITS
+        view[:, 1:] += carry
+
+
+def _balanced_row(limbs, width):
+    """One channel's normalised limbs (1, K) -> balanced limbs (width,): sparse whatever its sign."""
+    value = limbs_to_ints(limbs)[0]
+    out = np.zeros(width, np.int64)
+    for k in range(width - 1):
+        out[k] = (value + (1 << (LIMB_BITS - 1))) % (1 << LIMB_BITS) - (1 << (LIMB_BITS - 1))
+        value = (value - int(out[k])) >> LIMB_BITS
+    out[-1] = value
+    return out
+
+
+def _ncl(a):
+    """(B, C) or (B, C, L) -> a (B, C, L) view in a native float16/32/64 dtype."""
+    a = np.asarray(a)
+    if a.dtype not in (np.float16, np.float32, np.float64):
+        a = a.astype(np.float64)
+    return a[:, :, None] if a.ndim == 2 else a
+
+
+def _deposit(acc, channel, value, offset):
+    """acc (C, K) += value * 2^offset (int64 arrays; a negative offset only where value is a
+    multiple of 2^-offset: its bits below the grid are zero). Returns the slice of
+    columns that ``_balance`` must carry: from the lowest limb written to two past the highest."""
+    if channel.size == 0:
+        return slice(0, 0)
+    under = offset < 0
+    if under.any():
+        value = np.where(under, value >> np.where(under, -offset, 0), value)
+        offset = np.maximum(offset, 0)
+    _add_at(acc, channel, value, offset)
+    return slice(int(offset.min()) >> 5, min((int(offset.max()) >> 5) + 5, acc.shape[1]))
+
+
+def _general_sums(u, w=None):
+    """Exact per-channel sum of u and of u * w (w = u when None), as limbs: the general method.
 
     ::
 
@@ -185,11 +285,9 @@ def exact_sums(u, w=None):
 
 def limbs_to_ints(limbs):
     """(C, K) limbs (int or float64 holding integers below 2^53, any sign) -> list of C Python ints."""
-    acc = normalise(np.asarray(limbs).astype(np.int64))       # exact: the values are integers
-    low = acc[:, :-1].astype("<u4")                            # each in [0, 2^32) after normalising
-    top = LIMB_BITS * (acc.shape[1] - 1)
-    return [int.from_bytes(low[c].tobytes(), "little") + (int(acc[c, -1]) << top)
-            for c in range(acc.shape[0])]
+    acc = np.asarray(limbs).astype(np.int64)                   # exact: the values are integers
+    # Only the limbs in use: balanced limbs are few, and no carry has to run first.
+    return [sum(int(row[k]) << (LIMB_BITS * int(k)) for k in np.flatnonzero(row)) for row in acc]
 
 
 def round_fraction(num, den):
@@ -204,22 +302,32 @@ def exact_stats(count, lin, prod, special=None):
     """Correctly rounded (mean, var, var_unbiased), each float64 (C,), from exact sums.
 
     count: N (int), the group's total; lin (C, LIN_LIMBS), prod (C, PROD_LIMBS)
-    the group's limbs of sum x and sum x^2; special (2, C) the IEEE sums of
+    the group's limbs of S1 = sum x and S2 = sum x^2 (any limb form whose
+    entries are integers below 2^53); special (2, C) the IEEE sums of
     non-finite values (see ``exact_sums``). With N = 1 the unbiased variance
-    is NaN (0/0) and with N = 0 everything is 0.
+    is NaN (0/0) and with N = 0 everything is 0. ::
+
+        mean = S1 / N,   var = (N S2 - S1^2) / N^2,   unbiased = (N S2 - S1^2) / (N (N - 1))
+
+    each rounded once: for every channel at once by ``mpibn.exact_round``
+    (exact digits, a certified double-double quotient), and with Python
+    integers for the channels it cannot certify.
     """
-    s1s, s2s = limbs_to_ints(lin), limbs_to_ints(prod)
     count = int(count)
-    channels = len(s1s)
-    mean, var, unbiased = np.zeros(channels), np.zeros(channels), np.zeros(channels)
+    channels = lin.shape[0]
     if count == 0:
-        return mean, var, unbiased
-    scale = 1 << -PROD_BASE                                   # 2^2148
-    for c, (s1, s2) in enumerate(zip(s1s, s2s)):
-        m2 = count * s2 - s1 * s1                             # N^2 var * 2^2148, >= 0
-        mean[c] = round_fraction(s1, count << -LIN_BASE)
-        var[c] = round_fraction(m2, count * count * scale)
-        unbiased[c] = round_fraction(m2, count * (count - 1) * scale) if count > 1 else np.nan
+        return np.zeros(channels), np.zeros(channels), np.zeros(channels)
+    s1, s2 = Digits.from_limbs(lin, LIN_BASE), Digits.from_limbs(prod, PROD_BASE)
+    m2 = s2.times(count).minus(s1.square())                   # N^2 var >= 0: exact
+    parts = [(s1, count, None), (m2, count * count, None)]
+    if count > 1:
+        parts.append((m2, count * (count - 1), None))
+    q, ok = round_all(parts)
+    mean, var = q[:channels], q[channels:2 * channels]
+    unbiased = q[2 * channels:] if count > 1 else np.full(channels, np.nan)
+    for c in np.flatnonzero(~ok.reshape(-1, channels).all(axis=0)):
+        s1c, s2c = limbs_to_ints(lin[c:c + 1])[0], limbs_to_ints(prod[c:c + 1])[0]
+        mean[c], var[c], unbiased[c] = _stats_by_ints(count, s1c, s2c)
     if special is not None:
         # inf, -inf or NaN in the batch: what IEEE arithmetic gives (the mean
         # is the sum of the non-finite values; (inf - inf)^2 makes var NaN).
@@ -230,19 +338,83 @@ def exact_stats(count, lin, prod, special=None):
     return mean, var, unbiased
 
 
-def round_sums(lin, prod, count=1, special=None):
-    """(sum u / count, sum u*w / count), each correctly rounded float64 (C,), from limbs.
+def _stats_by_ints(count, s1, s2):
+    """(mean, var, unbiased) of one channel with Python integers: the exact finish."""
+    m2 = count * s2 - s1 * s1                                 # N^2 var * 2^2148, >= 0
+    scale = 1 << -PROD_BASE
+    return (round_fraction(s1, count << -LIN_BASE), round_fraction(m2, count * count * scale),
+            round_fraction(m2, count * (count - 1) * scale) if count > 1 else np.nan)
 
-    With ``special`` (2, C) from ``exact_sums``, a non-zero (inf or NaN)
-    entry replaces the exact value, as IEEE arithmetic would.
+
+def backward_means(counts, lin, prod, mean, inv_std, special=None):
+    """(mean_dy, mean_dy_xhat), each float64 (R,) and correctly rounded, from exact sums.
+
+    Row r holds T1 = sum dy and T2 = sum dy * x over counts[r] values (the
+    limbs of ``exact_sums(dy, x)``: lin, prod (R, K)), and the forward's
+    rounded statistics mean[r], inv_std[r]. ::
+
+        mean_dy      = T1 / N
+        mean_dy_xhat = inv_std * (T2 - mean * T1) / N  =  inv_std * sum dy (x - mean) / N
+
+    each rounded once: the exact value of the formula with the rounded
+    mean and inv_std (not a sum of rounded xhat). Rows with N = 1 give a
+    rank's own dbeta and dgamma, so the group's rows and the rank's own go
+    through in one call. Where ``special`` (2, R) has a non-finite sum,
+    that IEEE value takes over, as IEEE arithmetic would.
     """
-    count = int(count)
-    a = np.array([round_fraction(s, count << -LIN_BASE) for s in limbs_to_ints(lin)], np.float64)
-    b = np.array([round_fraction(s, count << -PROD_BASE) for s in limbs_to_ints(prod)], np.float64)
-    if special is not None:
-        a = np.where(special[0] != 0, special[0], a)
-        b = np.where(special[1] != 0, special[1], b)
-    return a, b
+    rows = len(counts)
+    mean, inv_std = np.asarray(mean, np.float64), np.asarray(inv_std, np.float64)
+    t1, t2 = Digits.from_limbs(lin, LIN_BASE), Digits.from_limbs(prod, PROD_BASE)
+    usable = np.isfinite(mean) & np.isfinite(inv_std)
+    centred = t2.minus(t1.times_rows(np.where(usable, mean, 0.0), PROD_BASE))
+    runs = _runs(counts)                      # rows in order, in runs of one count each
+    scale = np.where(usable, inv_std, 0.0)
+    q, ok = round_all([(_rows_of(t1, a, b), n, None) for n, a, b in runs]
+                      + [(_rows_of(centred, a, b), n, scale[a:b]) for n, a, b in runs])
+    mean_dy, mean_dy_xhat = q[:rows], q[rows:]
+    ok_rows = ok[:rows] & ok[rows:]
+    for c in np.flatnonzero(~ok_rows & usable):
+        mean_dy[c], mean_dy_xhat[c] = _means_by_ints(int(counts[c]), limbs_to_ints(lin[c:c + 1])[0],
+                                                     limbs_to_ints(prod[c:c + 1])[0], mean[c], inv_std[c])
+    with np.errstate(invalid="ignore", over="ignore"):
+        mean_dy_xhat = np.where(usable, mean_dy_xhat, np.nan)
+        if special is not None:
+            bad = (special[0] != 0) | (special[1] != 0)
+            mean_dy = np.where(special[0] != 0, special[0], mean_dy)
+            mean_dy_xhat = np.where(bad, inv_std * (special[1] - mean * special[0]), mean_dy_xhat)
+    return mean_dy, mean_dy_xhat
+
+
+def _means_by_ints(count, t1, t2, mean, inv_std):
+    """(mean_dy, mean_dy_xhat) of one channel with Python integers: the exact finish.
+
+    mean = m 2^e with e >= LIN_BASE, so mean T1 sits on the product grid:
+    2^-PROD_BASE (T2 - mean T1) = t2 - m t1 2^(e - LIN_BASE) is an integer."""
+    m, e = _integer_ratio(mean)
+    s, f = _integer_ratio(inv_std)
+    centred = s * (t2 - ((m * t1) << (e - LIN_BASE)))          # 2^(f + PROD_BASE) units
+    shift = f + PROD_BASE
+    num, den = (centred << shift, count) if shift >= 0 else (centred, count << -shift)
+    return round_fraction(t1, count << -LIN_BASE), round_fraction(num, den)
+
+
+def _integer_ratio(value):
+    """A finite float64 as (integer m, exponent e) with value = m 2^e (e >= -1074)."""
+    num, den = float(value).as_integer_ratio()                 # den is a power of two
+    return num, 1 - den.bit_length()
+
+
+def _runs(counts):
+    """[(count, start, stop)]: the runs of equal counts in row order."""
+    counts = np.asarray(counts)
+    edges = np.flatnonzero(np.diff(counts)) + 1
+    starts, stops = np.concatenate([[0], edges]), np.concatenate([edges, [counts.size]])
+    return [(int(counts[a]), int(a), int(b)) for a, b in zip(starts, stops)]
+
+
+def _rows_of(digits, start, stop):
+    return Digits(digits.d[start:stop], digits.base[start:stop], digits.exp[start:stop],
+                  digits.slow[start:stop])
 
 
 def as_fraction(lin_value, base=LIN_BASE):

@@ -105,28 +105,23 @@ def batch_norm_stats(x, out=None):
 
         d = x - K,   mean = K + sum(d)/n,   m2 = sum(d^2) - sum(d) (sum(d)/n)
 
-    Its relative rounding error is of order u * (f(n) + n (mean - K)^2 / m2)
-    (u the unit roundoff, f(n) the growth of rounding error with the length
-    of the sums). The sums are NumPy's own, never BLAS (``mpibn.blocks``:
-    the same bits on every CPU). For 4-D input each channel's values of a
-    block are contiguous and NumPy sums them pairwise, f about 19 +
-    log2(b/128) + n/b for blocks of b values per channel: one block up to
-    blocks.WHOLE = 2^17 values in all (n = 100,352: u f(n) = 3.2e-15),
-    blocks of 2^15 values above (n = 401,408: 4.4e-15). For 2-D input each
-    column is added row by row over ACC = 8 accumulators, f about B/8 + 8
-    per block. Measured against exact arithmetic by ``python
-    scripts/variance_demo.py --shard``: up to 1.4e-16 in random order and
-    1.3e-15 sorted for n = 100,352, 4.5e-16 and 1.5e-15 for n = 401,408
-    (derivation.md, "One shard's moments"). Whatever |mean|/std, x - K is
+    Its relative rounding error is of order u * f(n) * (1 + kappa), with
+    kappa = n (mean - K)^2 / m2 (Chan, Golub and LeVeque's bound for the
+    textbook formula on data shifted by K; u the unit roundoff, f(n) the
+    growth of rounding error with the length of the sums, which the block
+    plan of ``mpibn.blocks`` decides: the sums are NumPy's own, never BLAS,
+    so the same bits on every CPU), whatever |mean|/std: x - K is
     (nearly) exact where x is close to K. K is the mean of the first
     ceil(B/16) samples (the head; all of x when x.size <= SMALL_SHARD,
     counting every channel: then this is the classic two-pass algorithm),
-    and the head's own deviations bound the extra term: n_head (K - mean)^2
-    <= sum_head (x - mean)^2 <= m2, so n (mean - K)^2 / m2 <= n / n_head <=
-    16 for any data. So m2 is as accurate as with the exact mean as shift,
-    and x is read from memory once (plus the head; an array of one block
-    takes K from the block already converted), one cache-sized block at a
-    time. An empty shard gives (0, 0, 0).
+    and the head's own deviations bound kappa: n_head (K - mean)^2 <=
+    sum_head (x - mean)^2 <= m2, so kappa <= n / n_head <= 16 for any data,
+    a factor of at most 17 over the error with the exact mean as shift.
+    x is read from memory once (plus the head; an array of one block takes
+    K from the block already converted), one cache-sized block at a time.
+    The analysis, f(n) for each plan and the measured errors:
+    docs/ground-truth.md, "One shard's moments". An empty shard gives
+    (0, 0, 0).
 
     (One shift for all blocks, not a mean per block: block means merged like
     rank means would each carry a rounding error of order u*|mean|, which
@@ -153,8 +148,9 @@ def batch_norm_stats(x, out=None):
     mean += shift                                   # K + sum(d)/n
     # >= 0 in exact arithmetic; only rounding or underflow can make it
     # negative, and then by no more than their size (a constant channel
-    # near 1e-147 gives a few times -5e-324), so 0 is the better value. Unlike a clamp
-    # of E[x^2] - E[x]^2 this hides no lost digits (derivation.md, section 7).
+    # near 1.7e-147 gives -5e-324, the smallest subnormal), so 0 is the
+    # better value. Unlike a clamp of E[x^2] - E[x]^2 this hides no lost
+    # digits (docs/ground-truth.md, "The clamp on m2").
     np.maximum(m2, 0.0, out=m2)
     return count, mean, m2
 

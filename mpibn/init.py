@@ -162,8 +162,25 @@ _NAMES = {
 
 
 def initializer(init, shape, dtype, name, arg="init"):
-    """The initial array for parameter ``name`` (argument ``arg``)."""
-    shape = tuple(shape)
+    """The initial array for parameter ``name`` (argument ``arg``), finite in ``dtype``.
+
+    Checked after the cast to ``dtype``: 1e40 is a finite number, but not a
+    float32 (it would become inf, which ``inf`` itself is refused as)."""
+    with np.errstate(over="ignore"):          # an overflowing cast is refused below
+        values = _initial(init, tuple(shape), dtype, name, arg)
+    if not np.isfinite(values).all():
+        bad = np.flatnonzero(~np.isfinite(values))
+        raise ValueError(f"{arg}={_short(init)} overflows {np.dtype(dtype).name} at index(es) "
+                         f"{bad[:8].tolist()} (largest finite {float(np.finfo(dtype).max):g}); use "
+                         f"smaller values or a wider dtype")
+    return values
+
+
+def _short(init):
+    return f"<array {init.dtype} {init.shape}>" if isinstance(init, np.ndarray) else repr(init)
+
+
+def _initial(init, shape, dtype, name, arg):
     if isinstance(init, str):
         cls = _NAMES.get(init.lower())
         if cls is None:

@@ -15,13 +15,13 @@ one allgather checks that the ranks agree on the arguments (``mpibn.agree``).
 import inspect
 import math
 import numbers
-import os
 
 import numpy as np
 
 from . import checkpoint
+from . import env, watchdog
 from .agree import agree_construction
-from .comm import forward_tag, group_comm_for, make_exchange, validate_process_groups
+from .comm import _mpi, cached_group, forward_tag, group_comm_for, make_exchange, validate_process_groups
 from .fingerprint import digest
 from .init import initializer
 from .parameter import Parameter
@@ -60,17 +60,6 @@ def _check_args(num_features, eps, momentum, affine, use_batch_statistics, dtype
     return int(num_features), float(eps), float(momentum), bool(affine), dtype
 
 
-def _lockstep(lockstep):
-    if lockstep is None:
-        text = os.environ.get("MPIBN_LOCKSTEP", "").strip().lower()
-        if text not in ("", "0", "1", "false", "true", "no", "yes"):
-            raise ValueError(f"MPIBN_LOCKSTEP must be 1 or 0, got {text!r}")
-        return text in ("1", "true", "yes")
-    if not isinstance(lockstep, (bool, np.bool_)):
-        raise TypeError(f"lockstep must be a bool or None, got {type(lockstep).__name__}: {lockstep!r}")
-    return bool(lockstep)
-
-
 class SyncBatchNorm:
     """Batch normalization synchronised over the ranks of each process group.
 
@@ -89,6 +78,10 @@ class SyncBatchNorm:
       with a deadline, and a rank that waits longer raises
       ``mpibn.CollectiveTimeout`` naming the ranks that never arrived.
       Also set by the environment variable ``MPIBN_DEBUG_TIMEOUT``.
+      A timeout stops the group (fail-stop, docs/reliability.md): every
+      later call on its layers raises ``mpibn.GroupFailed``, a rank that was
+      only late stops at its next call, and a process that neither recovers
+      nor ends is ended after ``MPIBN_FAILSTOP_GRACE`` s (``mpibn.watchdog``).
     * ``lockstep``: False (default) or True; None reads the environment
       variable ``MPIBN_LOCKSTEP`` (``1``/``0``). True is a promise that every
       rank of the group makes the same sequence of forward calls on this
@@ -114,8 +107,7 @@ class SyncBatchNorm:
                  use_batch_statistics=None, process_groups=None, *, dtype=np.float32, comm=None,
                  nonfinite="raise", debug_timeout=None, exact=False, lockstep=None):
         if comm is None:
-            from mpi4py import MPI
-            comm = MPI.COMM_WORLD
+            comm = _mpi().COMM_WORLD       # one clear line when no MPI library can be loaded
         if not hasattr(comm, "Split"):
             raise TypeError(f"comm must be an mpi4py intracommunicator, got {type(comm).__name__}")
         self.comm = comm
@@ -126,11 +118,13 @@ class SyncBatchNorm:
             self._init_local(num_features, eps, momentum, affine, gamma_init, beta_init, moving_mean_init,
                              moving_var_init, use_batch_statistics, process_groups, dtype, nonfinite,
                              debug_timeout, exact, lockstep)
+            self._shared_group = cached_group(comm, self._canonical_groups) is not None
             error = None
         except (TypeError, ValueError) as exc:
             error = exc
         agree_construction(comm, None if error else self.agreed_fields(), error,
                            "SyncBatchNorm construction")
+        watchdog.disarm()          # every rank of comm answered: a stopped group's program recovered
         self._join(group_comm_for(comm, process_groups))     # collective on first use
 
     @classmethod
@@ -141,15 +135,16 @@ class SyncBatchNorm:
         process. ``comm=`` is required and only needs ``Get_size()``
         (process_groups are checked against it); every argument is checked
         as the constructor checks it. Skipped: the Split (``group_comm`` is
-        the group) and the construction agreement, since one caller builds
-        every rank's layer from one set of arguments (and there is no
-        communicator to gather over).
+        the group, always a new one) and the allgather of the construction
+        agreement (``mpibn.testing`` compares ``agreed_fields()`` of its
+        simulated ranks itself).
         """
         bound = inspect.signature(cls).bind(*args, **kwargs)
         bound.apply_defaults()
         arguments = dict(bound.arguments)
         layer = cls.__new__(cls)
         layer.comm = arguments.pop("comm")
+        layer._shared_group = False
         layer._init_local(**arguments)
         layer._join(group_comm)
         return layer
@@ -181,8 +176,12 @@ class SyncBatchNorm:
                  "process_groups": lambda g: self._canonical_groups,
                  "use_batch_statistics": lambda u: None if u is None else bool(u),
                  # the group-wide environment switch counts too (see mpibn.comm)
-                 "debug_timeout": lambda t: t if t is not None else os.environ.get("MPIBN_DEBUG_TIMEOUT")}
+                 "debug_timeout": lambda t: t if t is not None else env.debug_timeout()}
         fields = {f: canon.get(f, lambda v: v)(getattr(self, f)) for f in self.AGREED_FIELDS}
+        # A rank that shares a communicator its peers no longer have (it missed
+        # that the group stopped, or closed its layers differently) would skip
+        # the Split they make: a hang. Compared here, it is an agreed error.
+        fields["group communicator"] = "shared" if self._shared_group else "new"
         # A rank-dependent initializer (an ndarray that differs per rank) would
         # make the ranks train different models: compare a digest of the values.
         for arg, p in zip(("gamma_init", "beta_init", "moving_mean_init", "moving_var_init"),
@@ -216,10 +215,9 @@ class SyncBatchNorm:
         if (self.moving_variance.data < 0).any():
             raise ValueError(f"moving_var_init gives negative variances: {self.moving_variance.data}")
 
-        if debug_timeout is not None and not (isinstance(debug_timeout, numbers.Real) and debug_timeout > 0):
-            raise ValueError(f"debug_timeout must be a number of seconds > 0 or None, got {debug_timeout!r}")
-        self.debug_timeout = None if debug_timeout is None else float(debug_timeout)
-        self.lockstep = _lockstep(lockstep)
+        self.debug_timeout = env.check_debug_timeout(debug_timeout)
+        env.debug_timeout()                  # a bad MPIBN_DEBUG_TIMEOUT is this rank's argument error
+        self.lockstep = env.check_lockstep(lockstep)
         self._canonical_groups = validate_process_groups(process_groups, self.comm.Get_size())
 
     # -- MindSpore-style surface --------------------------------------------------------

@@ -38,7 +38,7 @@ import numpy as np
 from . import exact as E
 from . import functional as F
 from .comm import FILLED, NO_FORWARD_TAG, GroupComm, RowExchange, backward_tag, make_exchange
-from .errors import Code, Problem, check_grad, check_input, guarded, local_problem, said_once
+from .errors import Code, Problem, check_alive, check_grad, check_input, guarded, local_problem, said_once
 from .fingerprint import fingerprint
 
 __all__ = ["sync_batch_norm", "sync_batch_norm_backward", "Saved"]
@@ -66,6 +66,7 @@ class Saved:
     tag: tuple                 # forward's (layer, call); backward sends comm.backward_tag of it
     exact: bool = False
     fingerprint: Any = None    # None: x is a private copy nobody else can change
+    nonfinite: str = "raise"   # backward checks dy's sums as forward checked x's
     used: bool = field(default=False, init=False)     # set by the one backward it may feed
 
 
@@ -128,6 +129,7 @@ def sync_batch_norm(x, gamma, beta, *, group_comm, eps=1e-5, training=True, runn
     else:
         problem, channels = guarded(None, lambda: _channels(gamma))
     context = _context("?" if channels is None else channels, "construct")
+    check_alive(group_comm, context)          # a stopped group runs nothing, eval included
     if problem is None and not (type(x) is np.ndarray and x.dtype in _NATIVE_FLOATS
                                 and x.ndim in (2, 4) and x.shape[1] == channels):
         problem = check_input(x, channels)      # the usual x passed the line above: no call
@@ -158,7 +160,8 @@ def sync_batch_norm(x, gamma, beta, *, group_comm, eps=1e-5, training=True, runn
     # the forward is one cheap pass: the sampled values only, not a full read.
     x_fingerprint = fingerprint(x3, full=training) if np.may_share_memory(x3, original) else None
     saved = Saved(x=x3, shape=x.shape, mean=mean, inv_std=inv_std, var=var, gamma=gamma, count=count,
-                  group_comm=group_comm, exchange=exchange, tag=tag, exact=exact, fingerprint=x_fingerprint)
+                  group_comm=group_comm, exchange=exchange, tag=tag, exact=exact, fingerprint=x_fingerprint,
+                  nonfinite=nonfinite)
     return y.reshape(x.shape), saved
 
 
@@ -190,9 +193,23 @@ def agreed_exchange(group_comm, channels, exact, problem, tag):
 
 
 def _local_moments(x, out):
-    """This rank's count, with its (mean, m2) written into ``out`` (2, C)."""
+    """This rank's count, with its (mean, m2) written into ``out`` (2, C)
+    (called under batch_statistics' errstate: inf - inf is NaN, and squares
+    of 1e160 overflow, which the agreed checks after the exchange report)."""
     count, _, _ = F.batch_norm_stats(F.as_ncl(x), out)
     return count
+
+
+def sum_overflow(a3, sums, nonfinite):
+    """Problem X_SUM_OVERFLOW when ``a3``'s per-channel sums are not finite although
+    its values are (|values| near 1e308), else None: without it the check after
+    the exchange would call a finite input "NaN or Inf". Reads a3 again, on this
+    failure path only."""
+    bad = ~np.isfinite(sums)
+    if nonfinite != "raise" or not bad.any():
+        return None
+    channels = [c for c in np.flatnonzero(bad) if np.isfinite(a3[:, c]).all()]
+    return Problem(Code.X_SUM_OVERFLOW, *channels[:8]) if channels else None
 
 
 def batch_statistics(x, problem, exchange, eps, context, tag, running_mean=None, running_var=None,
@@ -214,6 +231,9 @@ def batch_statistics(x, problem, exchange, eps, context, tag, running_mean=None,
                     count = _local_moments(x, payload)
                 except Exception as exc:     # noqa: BLE001 - errors.guarded, inline on every call's path
                     problem = Problem.from_exception(exc)
+            if problem is None and nonfinite == "raise" and not _finite(payload[0]):
+                # a sum that overflows on finite values is reported as such, not as NaN or Inf
+                problem = sum_overflow(F.as_ncl(x), payload[0], nonfinite)
             counts, rows = exchange.exchange(problem, count, None if payload is None else FILLED,
                                              context, tag)
             moments = np.empty((2, rows.shape[2]))              # (mean, M2)
@@ -225,13 +245,14 @@ def batch_statistics(x, problem, exchange, eps, context, tag, running_mean=None,
             raise ValueError(f"{context}: expected more than 1 value per channel in training, got "
                              f"{total} over group ranks {list(group_comm.ranks)} "
                              f"(per-rank counts {counts.astype(int).tolist()})")
-        # Any NaN or Inf in a row with values makes the merged moments
-        # non-finite: one reduction checks them all in the usual case.
-        if nonfinite == "raise" and (exact or not _finite(moments)):
-            _check_finite(rows, group_comm, context)
         if not exact:
             # (mean, var, unbiased): M2 / N and M2 / (N - 1)
             mean, var, unbiased = moments[0], moments[1] / float(total), moments[1] / float(total - 1)
+        # Any NaN or Inf in a row with values, or an overflowing merge, makes the
+        # merged moments non-finite: one reduction checks them all in the usual case.
+        if nonfinite == "raise" and (exact or not _finite(moments)):
+            _check_finite(rows, group_comm, context, exact)
+            _check_group_finite(mean, var, context)
         pair = _moving_pair(running_mean, running_var, mean, unbiased, momentum)
         if pair is None:
             new = (_moving(running_mean, mean, momentum), _moving(running_var, unbiased, momentum))
@@ -292,17 +313,71 @@ def _check_moving_finite(new_mean, new_var, context):
                 f"unchanged (use a wider dtype, or nonfinite='propagate' to store the Inf)")
 
 
-def _check_finite(rows, group_comm, context):
+def _check_finite(rows, group_comm, context, exact=False):
+    """Every rank's row finite, else the agreed FloatingPointError naming each rank and
+    channel: NaN or Inf in x (its mean is not finite), or a finite x whose variance
+    overflows float64 (its mean is finite, its m2 is not). Exact mode's rows carry
+    only the IEEE sums of non-finite values: there any is NaN or Inf."""
     if np.isfinite(rows).all():                   # every call's path: one test
         return
-    bad = ~np.isfinite(rows).all(axis=1)          # (P, C)
+    nonfinite_x = ~np.isfinite(rows).all(axis=1) if exact else ~np.isfinite(rows[:, 0])    # (P, C)
+    overflow = ~nonfinite_x & ~np.isfinite(rows).all(axis=1)
+    said = []
+    if nonfinite_x.any():
+        said.append(f"NaN or Inf in the training batch at {_where(nonfinite_x, group_comm)}")
+    if overflow.any():
+        said.append(f"the variance overflows float64 at {_where(overflow, group_comm)} (x is finite, but "
+                    f"the squares of its deviations from the mean exceed 1.8e308)")
+    raise FloatingPointError(f"{context}: {'; '.join(said)}; moving statistics left unchanged (pass "
+                             f"nonfinite='propagate' to let IEEE values through)")
+
+
+def _where(bad, group_comm):
+    """'rank 3 channel 1, rank 0 channel 2' for a (P, C) mask (8 at most, then a count)."""
+    where = [(group_comm.ranks[r], c) for r, c in zip(*np.nonzero(bad))]
+    listed = ", ".join(f"rank {r} channel {c}" for r, c in where[:8])
+    return listed + (f" and {len(where) - 8} more" if len(where) > 8 else "")
+
+
+def _check_group_finite(mean, var, context):
+    """Every rank's moments are finite here; merging them can still overflow (ranks
+    whose means differ by 1e154 or more). The same verdict on every rank: all hold
+    the same rows."""
+    bad = ~(np.isfinite(mean) & np.isfinite(var))
     if bad.any():
-        where = [(group_comm.ranks[r], c) for r, c in zip(*np.nonzero(bad))]
-        listed = ", ".join(f"rank {r} channel {c}" for r, c in where[:8])
-        more = f" and {len(where) - 8} more" if len(where) > 8 else ""
-        raise FloatingPointError(f"{context}: NaN or Inf in the training batch at {listed}{more}; "
-                                 f"moving statistics left unchanged (pass nonfinite='propagate' "
-                                 f"to let IEEE values through)")
+        raise FloatingPointError(
+            f"{context}: the group's batch variance overflows float64 at channel(s) "
+            f"{np.flatnonzero(bad)[:8].tolist()} (every rank's values are finite, but their spread "
+            f"exceeds 1.3e154); moving statistics left unchanged (scale the input down)")
+
+
+def _check_grad_finite(rows, group_comm, context, exact=False):
+    """Backward's rows [sum dy, sum dy*xhat] finite, else the agreed FloatingPointError
+    naming each rank and channel (sum dy not finite: NaN or Inf in dy; only
+    sum dy*xhat: it overflows). Exact mode's rows carry only the IEEE sums of
+    non-finite values."""
+    if np.isfinite(rows).all():
+        return
+    nonfinite_dy = ~np.isfinite(rows).all(axis=1) if exact else ~np.isfinite(rows[:, 0])
+    overflow = ~nonfinite_dy & ~np.isfinite(rows).all(axis=1)
+    said = []
+    if nonfinite_dy.any():
+        said.append(f"NaN or Inf in dy at {_where(nonfinite_dy, group_comm)}")
+    if overflow.any():
+        said.append(f"sum(dy * xhat) overflows float64 at {_where(overflow, group_comm)} (dy is finite "
+                    f"but too large)")
+    raise FloatingPointError(f"{context}: {'; '.join(said)}; no gradient was computed (pass "
+                             f"nonfinite='propagate' to the layer to let IEEE values through)")
+
+
+def _check_grad_means(mean_dy, mean_dy_xhat, context):
+    """Every rank's sums are finite here; the group's can still overflow. The same
+    verdict on every rank (the same rows, added in the same order)."""
+    bad = ~(np.isfinite(mean_dy) & np.isfinite(mean_dy_xhat))
+    if bad.any():
+        raise FloatingPointError(f"{context}: the group's sums of dy and dy * xhat overflow float64 at "
+                                 f"channel(s) {np.flatnonzero(bad)[:8].tolist()} (dy is finite but too "
+                                 f"large); no gradient was computed")
 
 
 def sync_batch_norm_backward(dy, saved, *, exchange=None, training=None):
@@ -336,31 +411,48 @@ def sync_batch_norm_backward(dy, saved, *, exchange=None, training=None):
     channels = saved.mean.shape[0] if saved is not None else exchange.channels if exchange else "?"
     context = _context(channels, "backward")
     group = exchange.group if exchange else None
+    check_alive(saved.group_comm if saved is not None else group, context)    # fail-stop
     if not training:
         local_problem(problem, group, context)      # no peer waits: raise on this rank alone
     exact = saved is not None and saved.exact     # with no usable saved only the error travels
     # This rank's local work: an exception in it travels as its problem (errors.guarded).
-    # In training the default mode's two sums go straight into this rank's row of the exchange.
-    payload = exchange.payload() if training and not exact and problem is None else None
-    problem, local = guarded(problem, lambda: _local_backward(dy, saved, exact, payload))
-    dy3, xhat, sums, kept = local if local is not None else (None, None, None, None)
-    if not training:
-        local_problem(problem, group, context)
-    tag = backward_tag(saved.tag) if saved is not None else NO_FORWARD_TAG
-    if exact:
-        mean_dy, mean_dy_xhat, sums = exact_backward_sums(
-            exchange, problem, dy3, xhat, saved.count if saved else None, training, context, tag)
-    elif training:
-        _, rows = exchange.exchange(problem, 0, None if sums is None else FILLED, context, tag)
-        sums = rows[exchange.group.rank]            # this rank's own, as sent
-        # Added in rank order on every rank: bitwise the same dx everywhere.
-        group_sums = rows[0] if rows.shape[0] == 1 else np.add.reduce(rows, axis=0)
-        mean_dy, mean_dy_xhat = group_sums / float(saved.count)
-    else:
-        mean_dy = mean_dy_xhat = np.zeros(saved.x.shape[1])
-    # xhat is None (formed block by block from x) unless the exact path made it.
+    nonfinite = saved.nonfinite if saved is not None else "raise"
+    # NaN in dy and overflowing sums: no warnings, the agreed checks after the exchange report them.
+    with np.errstate(over="ignore", invalid="ignore"):
+        # In training the default mode's two sums go straight into this rank's row of the exchange.
+        payload = exchange.payload() if training and not exact and problem is None else None
+        problem, local = guarded(problem, lambda: _local_backward(dy, saved, exact, payload))
+        dy3, sums, kept = local if local is not None else (None, None, None)
+        if not training:
+            local_problem(problem, group, context)
+        if problem is None and sums is not None and training and nonfinite == "raise" \
+                and not _finite(payload[0]):
+            problem = sum_overflow(dy3, sums[0], nonfinite)
+        tag = backward_tag(saved.tag) if saved is not None else NO_FORWARD_TAG
+        if exact:
+            mean_dy, mean_dy_xhat, sums = exact_backward_sums(
+                exchange, problem, dy3, saved, training, context, tag,
+                check=(lambda rows: _check_grad_finite(rows, group, context, exact=True))
+                if nonfinite == "raise" else None)
+            if training and nonfinite == "raise":
+                _check_grad_means(mean_dy, mean_dy_xhat, context)
+        elif training:
+            _, rows = exchange.exchange(problem, 0, None if sums is None else FILLED, context, tag)
+            sums = rows[exchange.group.rank]            # this rank's own, as sent
+            # Added in rank order on every rank: bitwise the same dx everywhere.
+            group_sums = rows[0] if rows.shape[0] == 1 else np.add.reduce(rows, axis=0)
+            means = group_sums / float(saved.count)
+            # NaN or Inf in a row, or an overflowing group sum, makes the means
+            # non-finite: one reduction checks them all in the usual case.
+            if nonfinite == "raise" and not _finite(means):
+                _check_grad_finite(rows, group, context)
+                _check_grad_means(means[0], means[1], context)
+            mean_dy, mean_dy_xhat = means
+        else:
+            mean_dy = mean_dy_xhat = np.zeros(saved.x.shape[1])
+    # xhat = (x - mean) * inv_std is formed block by block from x, in both modes.
     # kept: dy and x - mean as this rank's sums left them (a one-block array), not formed again
-    dx = F.batch_norm_backward_elemt(dy3, xhat, saved.gamma, saved.inv_std, mean_dy, mean_dy_xhat,
+    dx = F.batch_norm_backward_elemt(dy3, None, saved.gamma, saved.inv_std, mean_dy, mean_dy_xhat,
                                      out_dtype=saved.x.dtype, x=saved.x, mean=saved.mean, kept=kept)
     saved.used = True
     return dx.reshape(saved.shape), sums[1], sums[0]
@@ -409,21 +501,21 @@ def _backward_peers(saved, exchange, training):
 
 
 def _local_backward(dy, saved, exact, out=None):
-    """This rank's work before the collective: (dy3, xhat, sums, kept).
+    """This rank's work before the collective: (dy3, sums, kept).
 
     The default mode returns this rank's two sums (written into ``out``, a
     (2, C) float64 array, when given), xhat = (x - mean) * inv_std formed
     block by block from what forward kept (it never exists in full), and
     ``kept`` for batch_norm_backward_elemt (F.batch_norm_backward_reduce's
-    keep=True); exact mode returns xhat itself (float64, full size), which
-    its exact sums need.
+    keep=True); exact mode's sums come with its exchange
+    (``exact_backward_sums``).
     """
     dy3 = F.as_ncl(_native(dy))
     if exact:
-        return dy3, (saved.x - saved.mean[:, None]) * saved.inv_std[:, None], None, None
+        return dy3, None, None
     sum_dy, sum_dy_xhat, kept = F.batch_norm_backward_reduce(
         dy3, x=saved.x, mean=saved.mean, inv_std=saved.inv_std, out=out, keep=True)
-    return dy3, None, (sum_dy, sum_dy_xhat), kept
+    return dy3, (sum_dy, sum_dy_xhat), kept
 
 
 # -- exact=True: exact sums -> the one Allreduce -> rounded once ---------------------------
@@ -437,30 +529,26 @@ def _local_backward(dy, saved, exact, out=None):
 #               mean = S1 / N, var = (N S2 - S1^2) / N^2, unbiased = ... / (N (N - 1))
 #               each correctly rounded to float64                     exact.exact_stats
 #
-# Backward: the same with u = dy and w = xhat (sum dy, sum dy * xhat), so dx
-# is a function of (x, dy, the rounded group sums) only: bitwise the same
-# however the group's batch is split. special_r carries the IEEE sums of
-# non-finite values (see mpibn.exact), so NaN/Inf checks work as in the
-# default mode.
-
-def _channels_last(a3):
-    """(N, C, L) -> (N * L, C), the layout ``exact.exact_sums`` takes."""
-    return a3.transpose(0, 2, 1).reshape(-1, a3.shape[1])
-
+# Backward: the same with u = dy and w = x (T1 = sum dy, T2 = sum dy * x),
+# then mean_dy = T1 / N and mean_dy_xhat = inv_std (T2 - mean T1) / N, each
+# rounded once (exact.backward_means), so dx is a function of (x, dy, the
+# rounded group sums) only: bitwise the same however the group's batch is
+# split. special_r carries the IEEE sums of non-finite values (see
+# mpibn.exact), so NaN/Inf checks work as in the default mode.
 
 def _exact_exchange(exchange, problem, u3, w3, context, tag):
     """Exact local sums of u and u*w (w = u when None) -> the one Allreduce.
 
     Returns (counts (P,), rows (P, 2, C), the group's limbs (lin, prod),
     this rank's own (lin, prod, special) or None)."""
-    if exchange.summed_width != E.SUMMED_WIDTH * exchange.channels:
-        raise ValueError(f"{context}: exact=True needs an exchange made by "
-                         f"mpibn.sync_exact.make_exchange(..., exact=True)")
+    if problem is None and exchange.summed_width != E.SUMMED_WIDTH * exchange.channels:
+        # Not raised here: the peers are on their way into the Allreduce. This
+        # rank joins it with the problem flagged, and every rank raises.
+        problem = Problem(Code.EXCHANGE_NOT_EXACT)
     count, local, summed, own = 0, None, None, None
     # Local work cannot skip the collective (the rule of this module): an
     # exception in the exact sums travels as this rank's problem.
-    problem, own = guarded(problem, lambda: E.exact_sums(
-        _channels_last(u3), None if w3 is None else _channels_last(w3)))
+    problem, own = guarded(problem, lambda: E.exact_sums(u3, w3, balanced=True))
     if problem is None:
         count = u3.shape[0] * u3.shape[2]
         local, summed = own[2], np.concatenate(own[:2], axis=1)
@@ -478,16 +566,28 @@ def exact_statistics(x, problem, exchange, context, tag):
     return counts, rows, total, mean, var, unbiased
 
 
-def exact_backward_sums(exchange, problem, dy3, xhat, count, training, context, tag):
+def exact_backward_sums(exchange, problem, dy3, saved, training, context, tag, check=None):
     """(mean_dy, mean_dy_xhat, (own sum_dy, own sum_dy_xhat)), all correctly rounded.
 
-    training: one Allreduce for the group's sums over ``count``; otherwise
-    no communication and zero means (constant statistics)."""
+    From the exact sums T1 = sum dy and T2 = sum dy * x of the x that
+    forward kept: mean_dy_xhat = inv_std (T2 - mean T1) / N
+    (``exact.backward_means``). training: one Allreduce for the group's
+    sums over ``saved.count``; otherwise no communication and zero means
+    (constant statistics). ``check(rows)``, if given, runs on the exchanged
+    rows (the IEEE sums, where non-finite values show) before they are used."""
+    x3 = saved.x if saved is not None else None
+    channels = exchange.channels if exchange is not None else saved.mean.shape[0]
     if training:
-        _, rows, (lin, prod), own = _exact_exchange(exchange, problem, dy3, xhat, context, tag)
-        means = E.round_sums(lin, prod, count, rows.sum(axis=0))
-    else:
-        own = E.exact_sums(_channels_last(dy3), _channels_last(xhat))
-        means = (np.zeros(dy3.shape[1]), np.zeros(dy3.shape[1]))
-    # This rank's own dbeta and dgamma: its exact sums, rounded once.
-    return means[0], means[1], E.round_sums(own[0], own[1], 1, own[2])
+        _, rows, (lin, prod), own = _exact_exchange(exchange, problem, dy3, x3, context, tag)
+        if check is not None:
+            check(rows)
+        # The group's means and this rank's own dbeta and dgamma (its exact
+        # sums over a count of 1) in one pass over both sets of limbs.
+        both = E.backward_means([saved.count] * channels + [1] * channels,
+                                np.concatenate([lin, own[0]]), np.concatenate([prod, own[1]]),
+                                np.tile(saved.mean, 2), np.tile(saved.inv_std, 2),
+                                np.concatenate([rows.sum(axis=0), own[2]], axis=1))
+        return both[0][:channels], both[1][:channels], (both[0][channels:], both[1][channels:])
+    own = E.exact_sums(dy3, x3, balanced=True)
+    zeros = np.zeros(channels)
+    return zeros, zeros, E.backward_means([1] * channels, own[0], own[1], saved.mean, saved.inv_std, own[2])

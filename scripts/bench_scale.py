@@ -6,7 +6,7 @@
     python scripts/bench_scale.py fit scale.jsonl  # the model fitted to the measurements
     python scripts/bench_scale.py all              # all of it: 1..16 ranks on this host, 2 hosts x 2 (root)
 
-One layer's pass sends a (P, 2C + 12) float64 buffer: each rank's row,
+One layer's pass sends a (P, 2C + HEADER) float64 buffer (HEADER = mpibn.comm.HEADER, 12): each rank's row,
 zeros elsewhere, summed by Allreduce (``mpibn/comm.py``). ``measure``
 times, on the ranks it runs on, Allreduce of that buffer and the
 Allgather that delivers the same rows (each rank sends only its row), for
@@ -26,12 +26,14 @@ import sys
 
 CS = (64, 256, 1024, 2048)
 PS = (2, 4, 8, 16, 64, 256, 1024, 4096)
-EXACT_PER_CHANNEL = 202           # float64 limbs per channel (mpibn/exact.py SHARED_WIDTH)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mpibn.comm import HEADER                         # noqa: E402  (12 numbers per row)
+from mpibn.exact import SUMMED_WIDTH as EXACT_PER_CHANNEL   # noqa: E402  (float64 limbs per channel)
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def rows_bytes(p, c):
-    return 8 * p * (2 * c + 12)
+    return 8 * p * (2 * c + HEADER)
 
 
 def human(n):
@@ -42,18 +44,19 @@ def human(n):
 
 
 def table():
-    print("Bytes per layer per pass (float64). rows: the (P, 2C+12) buffer; each rank sends about")
+    print(f"Bytes per layer per pass (float64). rows: the (P, 2C+{HEADER}) buffer; each rank sends about")
     print("2(P-1)/P of it in a ring Allreduce and (P-1)/P in a ring Allgather of the rows.")
     print(f"exact limbs: the O(C) summed region of exact=True, {EXACT_PER_CHANNEL} float64 per channel "
-          "whatever P (plus 12 header numbers).\n")
-    print("| P | " + " | ".join(f"C={c}: rows / Allreduce sends / Allgather sends" for c in CS) + " |")
+          f"whatever P (plus {HEADER} header numbers).\n")
+    print("Each cell: rows / Allreduce sends / Allgather sends.\n")
+    print("| P | " + " | ".join(f"C={c}" for c in CS) + " |")
     print("|---|" + "---|" * len(CS))
     for p in PS:
         cells = [f"{human(rows_bytes(p, c))} / {human(2 * (p - 1) / p * rows_bytes(p, c))} / "
                  f"{human((p - 1) / p * rows_bytes(p, c))}" for c in CS]
         print(f"| {p} | " + " | ".join(cells) + " |")
-    print("| exact limbs (any P) | " + " | ".join(human(8 * (EXACT_PER_CHANNEL * c + 12)) for c in CS) + " |")
-    cross = {c: (EXACT_PER_CHANNEL * c + 12) / (2 * c + 12) for c in CS}
+    print("| exact limbs, any P | " + " | ".join(human(8 * (EXACT_PER_CHANNEL * c + HEADER)) for c in CS) + " |")
+    cross = {c: (EXACT_PER_CHANNEL * c + HEADER) / (2 * c + HEADER) for c in CS}
     print("\nrows exceed the exact O(C) buffer from P > " +
           ", ".join(f"{v:.0f} (C={c})" for c, v in cross.items()))
 
@@ -64,7 +67,7 @@ def measure(label):
     comm = MPI.COMM_WORLD
     p, rank = comm.Get_size(), comm.Get_rank()
     for c in CS:
-        width = 2 * c + 12
+        width = 2 * c + HEADER
         buf = np.zeros((p, width))
         row = np.ones(width)
         rows = np.zeros((p, width))
@@ -147,7 +150,7 @@ def fit(path, stat="_best"):
             for c in CS:
                 ar = alpha * steps + beta * wire("allreduce", p, rows_bytes(p, c))
                 ag = ag_alpha * steps + ag_beta * wire("allgather", p, rows_bytes(p, c))
-                ex = alpha * steps + beta * wire("allreduce", p, 8 * (EXACT_PER_CHANNEL * c + 12))
+                ex = alpha * steps + beta * wire("allreduce", p, 8 * (EXACT_PER_CHANNEL * c + HEADER))
                 cells.append(f"{ar * 1e6:.0f} / {ag * 1e6:.0f} / {ex * 1e6:.0f}")
             print(f"| {p} | " + " | ".join(cells) + " |")
 

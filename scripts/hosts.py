@@ -213,6 +213,9 @@ def main(argv=None):
     parser.add_argument("--subnet", default="10.147.0",
                         help="first three octets of the hosts' /24 (private to our namespaces)")
     parser.add_argument("--timeout", type=float, default=None, help="kill the job after this many s (exit 124)")
+    parser.add_argument("--linger", type=float, default=LINGER,
+                        help=f"seconds the hosts' processes get to end by themselves after mpiexec ends, "
+                             f"before teardown kills them (default {LINGER:g})")
     parser.add_argument("--check", action="store_true", help="exit 0 if hosts can be emulated here, else 77")
     parser.add_argument("--watchdog", help=argparse.SUPPRESS)
     parser.add_argument("command", nargs=argparse.REMAINDER)
@@ -230,6 +233,8 @@ def main(argv=None):
         parser.error("no command given (put it after --)")
     if args.hosts < 1 or args.per_host < 1:
         parser.error(f"--hosts and --per-host must be >= 1, got {args.hosts} and {args.per_host}")
+    if not args.linger >= 0:
+        parser.error(f"--linger must be >= 0, got {args.linger}")
     if not re.fullmatch(r"10\.\d{1,3}\.\d{1,3}", args.subnet):
         parser.error(f"--subnet must look like 10.X.Y, got {args.subnet!r}")
     mpiexec = find_mpiexec()
@@ -273,7 +278,7 @@ def main(argv=None):
         print(f"hosts.py: job exited with status {rc}", file=sys.stderr, flush=True)
         # mpiexec is gone; its proxies end their ranks when they notice. Give them
         # a moment, so that "teardown killed" below means a process really stayed.
-        end = time.monotonic() + LINGER
+        end = time.monotonic() + args.linger
         while any(pids_in(ns) for ns in ours(prefix)) and time.monotonic() < end:
             time.sleep(0.05)
         return rc

@@ -24,7 +24,12 @@ The cutting rank writes the time of the cut to ``DIR/cut``.
   Allreduce, while the other hosts' ranks are 0.5 s late to it.
 
 The rank that raises writes the error and the seconds since the cut to
-``DIR/error-rank<r>.txt`` and re-raises (``python -m mpi4py`` aborts).
+``DIR/error-rank<r>.txt`` and re-raises (``python -m mpi4py`` aborts). With
+``--catch`` it carries on instead, as a program that skips bad steps does:
+it tries the remaining steps (each raises GroupFailed at once: fail-stop)
+and then waits in a Barrier over every rank, a collective of its own that
+cannot complete across a partition, so only mpibn's watchdog
+(``MPIBN_FAILSTOP_GRACE``) ends it.
 ``--fault kill`` makes no fault itself: the test kills the host from
 outside after ``DIR/stamp`` appears (written at step ``--at``).
 """
@@ -71,6 +76,7 @@ def main():
     parser.add_argument("--down", type=float, default=2.0)
     parser.add_argument("--pause", type=float, default=0.05, help="seconds between steps")
     parser.add_argument("--debug-timeout", type=float, default=None)
+    parser.add_argument("--catch", action="store_true", help="carry on after an error (see above)")
     args = parser.parse_args()
 
     world = MPI.COMM_WORLD
@@ -91,9 +97,19 @@ def main():
             time.sleep(args.down)
             link("up")
 
-    step = 0
+    first = 0
+    while first is not None:
+        first = train(args, world, bn, log, first, cutter, hosts, cut, cut_at)
+    bn.close()
+    log.write(f"done {args.steps} steps on {host}\n")
+
+
+def train(args, world, bn, log, first, cutter, hosts, cut, cut_at):
+    """Steps ``first``.. of the job; None when done, else the step after a caught error."""
+    rank, size, host = world.Get_rank(), world.Get_size(), socket.gethostname()
+    step = first
     try:
-        for step in range(args.steps):
+        for step in range(first, args.steps):
             rng = np.random.default_rng(1000 + step)
             sizes = shards(step, size)
             x = rng.normal(3.0, 2.0, (sum(sizes), C, *SHAPE))
@@ -131,12 +147,17 @@ def main():
                       f"{bn.batch_mean.tobytes().hex()}\n")
             time.sleep(args.pause)
     except Exception as exc:
-        with open(os.path.join(args.out, f"error-rank{rank}.txt"), "w") as f:
-            f.write(f"{time.time()}\n{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        if not os.path.exists(os.path.join(args.out, f"error-rank{rank}.txt")):
+            with open(os.path.join(args.out, f"error-rank{rank}.txt"), "w") as f:
+                f.write(f"{time.time()}\n{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
         log.write(f"error at step {step}: {type(exc).__name__}: {exc}\n")
-        raise
-    bn.close()
-    log.write(f"done {args.steps} steps on {host}\n")
+        if not args.catch:
+            raise
+        if step + 1 < args.steps:
+            return step + 1
+        log.write("waiting in a Barrier\n")
+        world.Barrier()                   # never completes across a partition
+    return None
 
 
 if __name__ == "__main__":

@@ -44,11 +44,15 @@ def arrow(ax, x0, y0, x1, y1, colour="#555555", lw=1.1, style="-|>", rad=0.0, z=
 
 
 def buffer(ax, x, y, rows_filled, group, cell=1.15, height=1.7):
-    """A (2, 6) picture of the stacked buffer: [status count tag | a a b b] per row."""
+    """A (2, 6) picture of the stacked buffer: [status count tag | a a b b] per row.
+
+    A row is coloured where its rank wrote non-zero values: the header of
+    every row it fills, and the payload only when its shard has samples (an
+    empty shard's moments are zeros, drawn as "0" like the other ranks' rows)."""
     for i, rank in enumerate(group):
         top = y + height * (len(group) - 1 - i)
         for j in range(6):
-            filled = rank in rows_filled
+            filled = rank in rows_filled and (j < 2 or SHARDS[rank] > 0)
             face = RANK_COLOURS[rank] if filled else "white"
             alpha = (0.35 if j < 2 else 0.8) if filled else 1.0
             ax.add_patch(Rectangle((x + j * cell + (0.35 if j >= 2 else 0), top), cell, height,

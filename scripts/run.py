@@ -38,7 +38,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV = os.environ.get("MPIBN_VENV", os.path.join(ROOT, ".venv"))
 BIN = os.path.join(VENV, "Scripts" if os.name == "nt" else "bin")
 PY = os.path.join(BIN, "python")
-NP = int(os.environ.get("MPIBN_NP", "4"))
+
+
+def ranks(text):
+    """MPIBN_NP: the ranks of the mpiexec stage, an integer >= 1 (default 4)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        sys.exit(f"run.py: MPIBN_NP must be an integer >= 1 (the ranks of the mpiexec stage), got {text!r}")
+    return value
+
+
+NP = ranks(os.environ.get("MPIBN_NP", "").strip() or "4")
 
 
 def sh(*cmd, timeout=None):

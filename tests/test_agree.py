@@ -80,6 +80,7 @@ def test_layer_fields_are_canonical():
     assert fields == {"num_features": 3, "eps": 1e-5, "momentum": 0.9, "dtype": "float16", "affine": True,
                       "use_batch_statistics": True, "process_groups": None, "nonfinite": "raise",
                       "debug_timeout": None, "exact": False, "lockstep": False,
+                      "group communicator": "new",
                       "initial gamma (gamma_init)": digest(np.ones(3, np.float16)),
                       "initial beta (beta_init)": digest(np.zeros(3, np.float16)),
                       "initial mean (moving_mean_init)": digest(np.zeros(3, np.float16)),

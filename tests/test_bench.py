@@ -97,3 +97,16 @@ def test_bench_grid_verdicts_apply_the_bars():
     assert "(16, 8) float32" in worst[0] and worst[1:3] == (4.0, 3.5)
     assert over[1:3] == (1, 0)
     assert tiny[0].startswith("(2, 4, 3, 3) float32") and tiny[1:3] == (2.0, 1.0)
+
+
+def test_scripts_bench_writes_into_docs_and_mpibn_bench_does_not():
+    """Issue 19: ``mpibn bench`` writes into the current directory; the checkout's
+    scripts/bench.py is the one way to refresh docs/ (never for a --smoke run)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_script", os.path.join(ROOT, "scripts", "bench.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    docs = os.path.join(ROOT, "docs")
+    assert script.with_docs_out(["--np"]) == ["--np", "--out", docs]
+    assert script.with_docs_out(["--grid", "--out", "x"]) == ["--grid", "--out", "x"]
+    assert script.with_docs_out(["--smoke"]) == ["--smoke"]

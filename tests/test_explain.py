@@ -94,6 +94,47 @@ def test_explain_default_run_shows_the_mean_of_means_contrast(capsys):
         assert "sent sum_dy = -4, sum_dy_xhat = 1.21034" in out
 
 
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.timeout(60)
+def test_explain_never_averages_an_empty_ranks_placeholder(capsys):
+    # Review 2026-12, error 12: group [2, 3] printed "(9.35 + 0)/2 = 4.675":
+    # the 0 is the placeholder mean of the empty rank 3, which has no mean.
+    # A scheme averaging the means gets 0/0 = NaN there; explain says so.
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    rc = _run()
+    out = capsys.readouterr().out
+    assert comm.allgather(rc) == [0] * comm.Get_size()
+    if comm.Get_rank() == 0:
+        assert "(9.35 + 0)/2" not in out and "4.675" not in out
+        assert "rank 3 holds no values and so no mean" in out and "0/0 = NaN" in out
+        assert "(10.0667 + 11.3)/2 = 10.6833: wrong, the counts differ" in out
+        # Error 19: at most one non-zero entry per column, and the -0.0 caveat.
+        assert "every column then has at\nmost one non-zero entry" in out
+        assert "-0.0 comes back as +0.0" in out
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.timeout(60)
+def test_explain_shows_no_table_and_counts_no_check_for_a_rank_alone(capsys):
+    # Review 2026-12, error 19: rank 2 alone sent nothing, yet explain showed
+    # "the table that came back" and counted the vacuous "bitwise the same
+    # table on group ranks [2]: True" among the checks.
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    rc = _run(groups=[[0, 1, 3]], full=True)          # --full prints every check
+    out = capsys.readouterr().out
+    assert comm.allgather(rc) == [0] * comm.Get_size()
+    if comm.Get_rank() == 0:
+        assert "on group ranks [2]" not in out
+        assert "rank 2: alone: nothing is sent; its own row is the whole table" in out
+    rc = _run(groups=[[0, 1, 3]])
+    out = capsys.readouterr().out
+    assert comm.allgather(rc) == [0] * comm.Get_size()
+    if comm.Get_rank() == 0:
+        assert "(10.0667 + 11.3)/2 = 10.6833: wrong, the counts differ; rank 3 holds no values" in out
+
+
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.timeout(60)
 def test_explain_checks_catch_a_wrong_payload(capsys, monkeypatch):

@@ -48,10 +48,16 @@ def test_naive_formula_is_what_we_avoid():
 
 def test_m2_is_never_negative():
     # m2 = sum(d^2) - sum(d)^2/n is >= 0 in exact arithmetic. A constant
-    # channel of values near 1.7e-147 has d = x - K near 1e-161 (K rounded):
-    # d^2 underflows to 0 in sum(d^2) but not in sum(d)^2/n, and the
-    # unclamped difference is a few times -5e-324. The clamp returns the true 0; a
-    # constant channel in the normal range gives exactly 0 without it.
+    # channel of 48 values near 1.7e-147 has d = x - K = one ulp of x,
+    # 2.8e-163 (K rounded): d^2 underflows to 0 in sum(d^2), while
+    # sum(d)^2/n rounds up to the smallest subnormal, so the unclamped m2 is
+    # -5e-324 (docs/ground-truth.md, "The clamp on m2", quotes these numbers).
+    # The clamp returns the true 0; a constant channel in the normal range
+    # gives exactly 0 without it.
+    v = 1.6861509613185092e-147
+    d = np.full(48, v) - np.full(48, v).sum() / 48
+    assert d[0] == np.spacing(v) and d[0] * d[0] == 0.0
+    assert (d * d).sum() - d.sum() ** 2 / 48 == -5e-324
     for v, n in [(1.6861509613185092e-147, 48), (0.1, 3), (1e4 + 0.1, 1000), (-7.77, 70000)]:
         x = np.full((n, 2, 1), v)
         _, mean, m2 = F.batch_norm_stats(x)

@@ -23,7 +23,7 @@ ALLOWED_EDGES = {
 
 MAX_FUNCTION_LINES = 80
 #: The modules outside mpibn/cli that may import it: ``python -m mpibn`` runs the command line,
-#: and the one-release shims at the old paths re-export what moved (README, "Deprecated").
+#: and the one-release shims at the old paths re-export what moved (docs/layout.md, "Deprecated paths").
 CLI_ENTRY = "mpibn.__main__"
 CLI_SHIMS = ("mpibn.bench", "mpibn.bench_grid", "mpibn.demo", "mpibn.explain", "mpibn.launch")
 

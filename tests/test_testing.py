@@ -52,6 +52,7 @@ def layer_steps(comm, x_steps, dy_steps, steps, **kw):
 def reference_steps(xs_steps, dys_steps, gamma, beta, c, **kw):
     """The same steps with mpibn.testing.reference, moving statistics carried over."""
     mm, mv, out = np.full(c, 2.5), np.full(c, 3.0), []
+    kw.setdefault("dtype", np.float32)    # layer_steps' layer has the layer's default; reference's follows xs
     for xs, dys in zip(xs_steps, dys_steps):
         res = reference(xs, dys, gamma=gamma, beta=beta, moving_mean=mm, moving_var=mv, **kw)
         mm, mv = [r.moving_mean for r in res], [r.moving_var for r in res]
@@ -189,7 +190,9 @@ def test_reference_forward_only_eval_and_per_rank_moving_statistics():
     fwd = reference(xs)                           # layer defaults: float32 parameters
     assert fwd[0].dx is None and fwd[0].y.dtype == np.float32 and fwd[0].moving_var.dtype == np.float32
     mm = [np.array([1.0, 2.0]), np.array([3.0, 4.0])]
-    ev = reference(xs, xs, training=False, moving_mean=mm, moving_var=np.array([4.0, 4.0]))
+    # Per-rank moving statistics: ranks in separate groups (the ranks of one group hold the same).
+    ev = reference(xs, xs, training=False, moving_mean=mm, moving_var=np.array([4.0, 4.0]),
+                   process_groups=[[0], [1]])
     assert ev[0].batch_mean is None and np.array_equal(ev[1].moving_mean, np.float32([3, 4]))
     np.testing.assert_allclose(ev[1].y, (xs[1] - np.float32([3, 4])) / np.sqrt(4 + 1e-5), rtol=1e-6)
 
@@ -223,13 +226,13 @@ def test_assert_matches_passes_within_verify_tolerance_and_fails_with_a_table():
         assert_matches(near, ref, max_ulps=0)
     bad = [dict(vars(r)) for r in ref]
     bad[2]["dx"] = bad[2]["dx"] * np.float32(1.001)
-    bad[0]["moving_var"] = None                                              # not produced: skipped
     with pytest.raises(AssertionError) as info:
         assert_matches(bad, ref)
     msg = str(info.value)
     lines = msg.splitlines()
     assert lines[1].split() == ["quantity", "rank", "max", "abs", "max", "rel", "max", "ulps"]
-    rows = {tuple(l.split()[:2]): l.split() for l in lines[3:]}
+    rows = {tuple(l.split()[:2]): l.split() for l in lines[3:7]}
+    assert lines[7].startswith("dx: max abs") and "> tolerance" in lines[7]          # why, in words
     assert set(rows) == {("dx", "0"), ("dx", "1"), ("dx", "2"), ("dx", "all")}
     assert float(rows[("dx", "0")][2]) == 0.0 and float(rows[("dx", "2")][2]) > 0
     rel = float(rows[("dx", "all")][3])
@@ -251,7 +254,7 @@ def test_assert_matches_and_verify_share_one_comparison(tmp_path):
     np.savez(os.path.join(res, "uneven", "rank0.npz"), **data)
     rows, ok = verify(out, res)
     row = next(r for r in rows if r[1] == "y")
-    q = compare_quantity([(np.load(os.path.join(out, "uneven", "rank0.npz"))["y"], data["y"])])
+    q = compare_quantity([(np.load(os.path.join(out, "uneven", "rank0.npz"))["y"], data["y"])], "float32")
     assert not ok and row[6] == "FAIL" and not q.passed
     assert (row[3], row[4], row[5]) == (q.max_abs, q.max_rel, q.max_ulps)
 
@@ -262,8 +265,15 @@ def test_assert_matches_rejects_mismatched_inputs():
         assert_matches(ref * 2, ref)
     with pytest.raises(AssertionError, match=r"y of rank 0: shape \(1, 2\), expected \(2, 2\)"):
         assert_matches([{"y": ref[0].y[:1]}], ref)
-    with pytest.raises(AssertionError, match="no quantity to compare"):
+    with pytest.raises(AssertionError, match="y: missing on rank 0"):       # never skipped
         assert_matches([{"y": None}], ref)
+    with pytest.raises(AssertionError, match="no quantity to compare"):
+        assert_matches([{"y": ref[0].y}], [{"y": None, "dtype": np.float64}])
+    with pytest.raises(ValueError, match=r"quantities: unknown \['grad_x'\]"):
+        assert_matches([{"y": ref[0].y}], ref, quantities=["grad_x"])
+    with pytest.raises(TypeError, match="pass dtype="):                   # no reference: say the dtype
+        assert_matches([{"y": ref[0].y}], [{"y": ref[0].y}])
+    assert_matches([{"y": ref[0].y}], [{"y": ref[0].y}], dtype=np.float64)
 
 
 # -- no MPI needed ----------------------------------------------------------------------------

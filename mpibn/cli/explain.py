@@ -296,25 +296,34 @@ class Walkthrough:
         """2. The rows that came back from the forward Allreduce, the same on the group's ranks."""
         sent, back, gc, members, full = self.sent, self.back, self.gc, self.members, self.full
         names = ("mean", "m2")
-        others_zero = not np.any(np.delete(sent, gc.rank, axis=0))
-        own_back = np.array_equal(back[gc.rank], sent[gc.rank])
-        tables = self.comm.allgather(back.tobytes())
-        same = all(tables[r] == tables[self.rank] for r in members)
-        if full:
-            self.say("sent:\n" + _table(sent, members, names, self.digits, full))
-            self.say("came back:\n" + _table(back, members, names, self.digits, full))
-        elif self.first:
-            self.say(_table(back, members, names, self.digits, full))
-        self.show(self.check("only its own row was non-zero in what it sent", others_zero), quiet=True)
-        self.show(self.check("its own row came back bitwise unchanged (v + 0 = v)", own_back), quiet=True)
-        self.show(self.check(f"bitwise the same table on group ranks {members}", same),
-                  quiet=not self.first)
+        tables = self.comm.allgather(back.tobytes())       # collective: every rank, alone or not
+        if gc.size == 1:
+            # Alone: no Allreduce happened, so there is no table that "came back".
+            self.say("alone: nothing is sent; its own row is the whole table:\n"
+                     + _table(sent, members, names, self.digits, full))
+        else:
+            others_zero = not np.any(np.delete(sent, gc.rank, axis=0))
+            # Bitwise as sent, except that a -0.0 comes back as +0.0 (-0.0 + 0.0 = +0.0).
+            own_back = np.array_equal(back[gc.rank], sent[gc.rank] + 0.0)
+            same = all(tables[r] == tables[self.rank] for r in members)
+            if full:
+                self.say("sent:\n" + _table(sent, members, names, self.digits, full))
+                self.say("came back:\n" + _table(back, members, names, self.digits, full))
+            elif self.first:
+                self.say(_table(back, members, names, self.digits, full))
+            self.show(self.check("only its own row was non-zero in what it sent", others_zero), quiet=True)
+            self.show(self.check("its own row came back bitwise unchanged (v + 0 = v)", own_back),
+                      quiet=True)
+            self.show(self.check(f"bitwise the same table on group ranks {members}", same),
+                      quiet=not self.first)
         self.say.step("2. the forward Allreduce(SUM) over the group: every rank's row, bit for bit",
                       f"Buffer (P, {HEADER} + 2C): one row per group rank, [status, count, layer tag, call |\n"
-                      "8 details | payload]. Each rank fills only its own row; every column then has one\n"
-                      "non-zero entry, so the SUM is exact and works as an allgather of the rows.\n"
+                      "8 details | payload]. Each rank fills only its own row; every column then has at\n"
+                      "most one non-zero entry, so the SUM is exact and works as an allgather of the rows\n"
+                      "(bit for bit, except that a -0.0 comes back as +0.0).\n"
                       "Shown: the table that came back" + (" on every rank." if full else
-                                                           ", once per group (channel 0)."))
+                                                           ", once per group (channel 0).")
+                      + " A rank alone sends nothing.")
 
     def statistics(self):
         """3. The group's mean and variance merged from the table, next to the wrong mean of means."""
@@ -327,10 +336,7 @@ class Walkthrough:
             terms = " + ".join(f"{int(c)}*{_p(r[0, 0], d)}" for c, r in zip(counts, rows))
             say(f"N = {N}; " + _worked("mean", f"({terms})/{N}", mean, d, shown))
             if P > 1:
-                naive = rows[:, 0].mean(axis=0)
-                listed = " + ".join(f"{_p(r[0, 0], d)}" for r in rows)
-                say("   (averaging the ranks' means instead: " + _worked("mean", f"({listed})/{P}", naive,
-                    d, shown) + ": wrong, the counts differ)")
+                say("   (averaging the ranks' means instead: " + self.mean_of_means(counts, rows) + ")")
             within = rows[:, 1].sum(axis=0)
             say(f"M2 = sum m2_r + sum n_r (mean_r - mean)^2 = {_num(within, d, shown)} + "
                 f"{_num(M2 - within, d, shown)} = {_num(M2, d, shown)}")
@@ -345,6 +351,28 @@ class Walkthrough:
         say.step("3. group statistics  (functional.merge_stats, inv_std_from_var, running_update)",
                  "Chan's merge: the rows are combined in rank order on every rank, so the ranks of a\n"
                  "group get the same bits. The moving variance takes the unbiased M2/(N-1), N the group's.")
+
+    def mean_of_means(self, counts, rows):
+        """What a scheme that averages the ranks' means would give, for contrast.
+
+        An empty rank has no mean (0/0): its row's 0 is only a placeholder that
+        its count 0 masks, so it is left out here and named instead."""
+        d, shown = self.digits, self.shown
+        full = [i for i, c in enumerate(counts) if c > 0]
+        empty = [self.members[i] for i, c in enumerate(counts) if c == 0]
+        parts = []
+        if len(full) > 1:
+            naive = rows[full, 0].mean(axis=0)
+            listed = " + ".join(f"{_p(rows[i, 0, 0], d)}" for i in full)
+            uneven = len({int(counts[i]) for i in full}) > 1
+            parts.append(_worked("mean", f"({listed})/{len(full)}", naive, d, shown)
+                         + (": wrong, the counts differ" if uneven else
+                            ": right here only because the counts are equal"))
+        if empty:
+            ranks = ", ".join(str(r) for r in empty)
+            parts.append(f"rank{'s' * (len(empty) > 1)} {ranks} hold{'s' * (len(empty) == 1)} no values "
+                         "and so no mean: averaging every rank's mean would give 0/0 = NaN")
+        return "; ".join(parts)
 
     def output(self):
         """4. One element of y by hand."""
@@ -381,8 +409,10 @@ class Walkthrough:
             say(f"group sums (rows added in rank order): sum_dy = {_num(self.g_dy, d, shown)}, "
                 f"sum_dy_xhat = {_num(self.g_dy_xhat, d, shown)}")
         tables_b = self.comm.allgather(back_b.tobytes())
-        self.show(self.check(f"bitwise the same table on group ranks {members}",
-                             all(tables_b[r] == tables_b[self.rank] for r in members)), quiet=not self.first)
+        if gc.size > 1:
+            self.show(self.check(f"bitwise the same table on group ranks {members}",
+                                 all(tables_b[r] == tables_b[self.rank] for r in members)),
+                      quiet=not self.first)
         say.step("5. backward: the two local sums, the second Allreduce  "
                  "(functional.batch_norm_backward_reduce)",
                  "Per channel sum(dy) and sum(dy * xhat) (dy random, never all ones), as the payload\n"

@@ -81,19 +81,23 @@ def _add_verify(sub):
         "verify", help="compare another backend's results with a golden directory",
         description="Compare RESULTS/<scenario>/rank<r>.npz (the golden layout, output keys) with "
                     "GOLDEN and print max abs / max rel (normwise) / max ulps per scenario and "
-                    "quantity. Exit 0 when all pass, 1 on a failure or when nothing was compared, "
-                    "2 on a missing or malformed file or key or an unknown scenario or quantity.")
+                    "quantity, at the tolerance of the scenario's dtype (never the dtype a result is "
+                    "stored in). Exit 0 when all pass, 1 on a failure, a missing quantity or when "
+                    "nothing was compared, 2 on a missing or malformed file, field or key or an "
+                    "unknown scenario or quantity (one line naming it). Rules: docs/ground-truth.md.")
     verify.add_argument("golden", metavar="GOLDEN")
     verify.add_argument("results", metavar="RESULTS")
     verify.add_argument("--rtol", type=float, default=None,
                         help="pass when max abs <= atol + rtol * max|expected| "
-                             "(default 32 eps of the result's dtype)")
+                             "(default 32 eps of the scenario's dtype)")
     verify.add_argument("--atol", type=float, default=0.0, help="absolute tolerance (default 0)")
     verify.add_argument("--max-ulps", type=int, default=None, help="also require max ulps <= this")
     verify.add_argument("--scenarios", metavar="NAMES", help="comma-separated subset")
     verify.add_argument("--quantities", metavar="NAMES", help="comma-separated subset (y,dx,...)")
     verify.add_argument("--skip-missing", action="store_true",
-                        help="report scenarios or keys the results lack as 'missing' instead of an error")
+                        help="report the files or keys the results lack as 'missing: rank r' instead of "
+                             "stopping with exit 2 (a missing quantity still fails: exit 1; leave "
+                             "quantities out with --quantities or --scenarios)")
     verify.add_argument("--markdown", action="store_true", help="print a Markdown table")
 
 
@@ -158,6 +162,15 @@ def _add_explain(sub):
 
 
 def main(argv=None):
+    from ..comm import MPIUnavailable
+    try:
+        return _main(argv)
+    except MPIUnavailable as exc:            # one clear line, not libmpi's search list
+        print(f"{prog()}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:               # every later argument belongs to mpibn.cli.bench
         from .bench.run import main as bench_main
@@ -179,9 +192,11 @@ def main(argv=None):
 
 
 def _check(args):
-    """Refuse impossible demo and explain settings before any mpiexec starts."""
+    """Refuse impossible demo, explain and golden settings before any mpiexec starts."""
     if args.command == "demo" and (args.batch < 2 or args.channels < 1):
         _parser().error("--batch must be at least 2 and --channels at least 1")
+    if args.command == "golden":
+        _check_out_dir(args.out)
     if args.command != "explain":
         return
     if not 1 <= args.channels <= 8 or not 1 <= args.digits <= 17:
@@ -192,6 +207,23 @@ def _check(args):
         problem = explain.check_setup(groups, explain.shard_sizes(args.np, args.shards), args.np)
         if problem:
             _parser().error(problem)
+
+
+def _check_out_dir(out):
+    """``golden --out``: a directory, or a path where one can be made (not under a file)."""
+    path = os.path.abspath(out)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if os.path.isdir(path):
+        return
+    problem = (f"--out {out}: {'is' if path == os.path.abspath(out) else f'{path} is'} a file, "
+               f"not a directory")
+    if not under_mpiexec():
+        _parser().error(problem)
+    from mpi4py import MPI
+    if MPI.COMM_WORLD.Get_rank() == 0:       # one message, not one per rank
+        _parser().error(problem)
+    sys.exit(2)
 
 
 def _resolve_np(args):
@@ -236,8 +268,8 @@ def golden_command(args, comm=None):
 
 
 def verify_command(args):
-    """``mpibn verify`` (no MPI needed): print the table, return the exit status."""
-    from ..verify import VerifyError, format_table, verify
+    """``mpibn verify`` (no MPI needed): print the table, return the exit status (0 pass, 1 fail, 2 unusable)."""
+    from ..verify import VerifyError, format_table, summary, verify
     try:
         rows, ok = verify(args.golden, args.results,
                           scenarios=args.scenarios.split(",") if args.scenarios is not None else None,
@@ -248,15 +280,9 @@ def verify_command(args):
         print(f"mpibn verify: {exc}")
         return 2
     print(format_table(rows, markdown=args.markdown))
-    failed = sum(r[-1] == "FAIL" for r in rows)
-    compared = sum(r[-1] in ("pass", "FAIL") for r in rows)
-    if compared == 0:
-        # Nothing checked is no evidence of agreement: never report success.
-        print("\nmpibn verify: nothing was compared (no selected quantity in the selected "
-              "scenarios, or all of them missing); that is not a pass")
-        return 1
-    print(f"\n{len(rows) - failed} of {len(rows)} quantities pass" + ("" if ok else f"; {failed} FAIL"))
-    return 0 if ok else 1
+    text, status = summary(rows, ok)
+    print("\n" + text)
+    return status
 
 
 def _quantities(golden, text):

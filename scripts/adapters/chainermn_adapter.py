@@ -172,13 +172,15 @@ NUMERICAL = ("off under every convention tried: the variance is E[x^2] - E[x]^2 
 def conformance(golden, out, status, versions, command, param_dtype):
     """The docs/conformance/chainermn.json document (needs mpibn for the verdict tolerance)."""
     from peer_reference import column_cell, describe, judge
+
+    from mpibn.verify import VERDICT_RULE
     manifest, data = load(golden)
     doc = {"column": "chainermn" if not param_dtype else f"chainermn-{param_dtype}-parameters",
            "framework": "chainermn.links.MultiNodeBatchNormalization (naive communicator) under mpiexec",
            "runnable": True, "versions": versions, "command": command,
            "golden": f"{manifest['format']} version {manifest['format_version']}, mpibn "
                      f"{manifest['mpibn_version']}, statistics {manifest['statistics_mode']}",
-           "convention": CONVENTION, "scenarios": {}}
+           "convention": CONVENTION, "verdict_rule": VERDICT_RULE, "scenarios": {}}
     for name, s in manifest["scenarios"].items():
         if name not in status:              # not asked for (--scenarios)
             continue

@@ -176,6 +176,8 @@ NUMERICAL = ("off under every convention tried: the batch statistics are not the
 
 def conformance(golden, out, status, versions, command, syncbn):
     from peer_reference import column_cell, describe, judge
+
+    from mpibn.verify import VERDICT_RULE
     manifest, data = load(golden)
     doc = {"column": "mindspore-cpu",
            "framework": "MindSpore nn.BatchNorm1d/2d (CPU, PyNative) on each group's concatenated batch; "
@@ -183,7 +185,7 @@ def conformance(golden, out, status, versions, command, syncbn):
            "runnable": True, "versions": versions, "command": command,
            "golden": f"{manifest['format']} version {manifest['format_version']}, mpibn "
                      f"{manifest['mpibn_version']}, statistics {manifest['statistics_mode']}",
-           "convention": CONVENTION, "scenarios": {}}
+           "convention": CONVENTION, "verdict_rule": VERDICT_RULE, "scenarios": {}}
     if syncbn:
         doc["syncbatchnorm_on_cpu"] = syncbn
     for name, s in manifest["scenarios"].items():

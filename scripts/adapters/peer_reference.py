@@ -178,14 +178,12 @@ def normwise(actual, expected):
     return float(err / ref) if ref > 0 else float(err)
 
 
-def within_tolerance(actual, expected, rtol):
-    """verify's test: max|a - e| <= rtol * max|e| over the ranks (NaN == NaN)."""
-    from mpibn.verify import compare
-    worst, scale = 0.0, 0.0
-    for a, e in zip(actual, expected):
-        d, s, _, _ = compare(np.asarray(e, np.float64), np.asarray(a))
-        worst, scale = max(worst, d), max(scale, s)
-    return worst <= rtol * scale
+def within_tolerance(actual, expected, dtype):
+    """verify's test (``mpibn.verify.compare_quantity``): max|a - e| <= 32 eps of the scenario's dtype
+    times max|e| over the ranks, no NaN or inf where the other side is finite, no rank stored with
+    less precision than ``dtype``."""
+    from mpibn.verify import compare_quantity
+    return compare_quantity([(np.asarray(e), np.asarray(a)) for a, e in zip(actual, expected)], dtype).passed
 
 
 def within_bound(actual, expected, bound, ulps=32):
@@ -197,11 +195,6 @@ def within_bound(actual, expected, bound, ulps=32):
         if not np.all(d <= ulps * u * b):
             return False
     return True
-
-
-def default_rtol(dtype):
-    """verify's default tolerance: 32 eps of the result's dtype."""
-    return 32 * float(np.finfo(dtype).eps)
 
 
 def json_number(v):
@@ -227,24 +220,27 @@ def judge(s, golden_ranks, results, ladder):
     rung), ``errors_as_implemented`` (those still failing there, against the
     last rung, if it is a defect rung) and ``explained`` {quantity: label or None}.
     """
-    keys = [q for q in QUANTITIES if q in s["outputs"] and q in results[0]]
+    # Never silently skipped: a quantity some rank lacks is unexplained (a defect) whatever the rungs.
+    wanted = [q for q in QUANTITIES if q in s["outputs"]]
+    keys = [q for q in wanted if all(q in r for r in results)]
+    missing = [q for q in wanted if q not in keys]
     act = {q: [r[q] for r in results] for q in keys}
-    rtol = {q: default_rtol(act[q][0].dtype if act[q][0].dtype.kind == "f" else np.float64) for q in keys}
     errors = {q: (normwise(act[q], [g[q] for g in golden_ranks]) if q in keys else None) for q in QUANTITIES}
-    failing = [q for q in keys if not within_tolerance(act[q], [g[q] for g in golden_ranks], rtol[q])]
-    explained, knobs, refs = {q: None for q in failing}, {}, {}
+    failing = [q for q in keys if not within_tolerance(act[q], [g[q] for g in golden_ranks], s["dtype"])]
+    explained, knobs, refs = {q: None for q in failing + missing}, {}, {}
     for label, kind, add in ladder:
         add = dict(add)
         arithmetic = add.pop("float32_arithmetic", False)
         knobs = dict(knobs, **add)
         refs[label] = ref = reference(s, golden_ranks, **knobs)
-        for q in failing:
+        for q in failing + missing:
             if explained[q] is not None:
                 continue
             if arithmetic:
-                fits = q in BOUND_KEYS and within_bound(act[q], [r[q] for r in ref], [r["bound_" + q] for r in ref])
+                fits = q in act and q in BOUND_KEYS and within_bound(act[q], [r[q] for r in ref],
+                                                                     [r["bound_" + q] for r in ref])
             else:
-                fits = within_tolerance(act[q], [r[q] for r in ref], rtol[q])
+                fits = q in act and within_tolerance(act[q], [r[q] for r in ref], s["dtype"])
             if fits:
                 explained[q] = label
     kinds = {label: kind for label, kind, _ in ladder}
@@ -253,12 +249,13 @@ def judge(s, golden_ranks, results, ladder):
     if conv:
         last = refs[conv[-1]]
         out["errors_peer_convention"] = {q: normwise(act[q], [r[q] for r in last]) for q in failing}
-    still = [q for q in failing if explained[q] is None or kinds[explained[q]] == "defect"]
+    still = [q for q in failing + missing if explained[q] is None or kinds[explained[q]] == "defect"]
     if still and ladder and ladder[-1][1] == "defect":
         last = refs[ladder[-1][0]]
-        out["errors_as_implemented"] = {q: normwise(act[q], [r[q] for r in last]) for q in still}
+        out["errors_as_implemented"] = {q: normwise(act[q], [r[q] for r in last]) for q in still if q in act}
     accuracy = [q for q in failing if explained[q] is not None and kinds[explained[q]] == "accuracy"]
-    out["verdict"] = ("pass" if not failing else "defect" if still else "accuracy" if accuracy else "convention")
+    out["verdict"] = ("pass" if not failing and not missing else "defect" if still else
+                      "accuracy" if accuracy else "convention")
     return out
 
 

@@ -10,8 +10,10 @@ files"): the normwise relative error ||a - e||_2 / ||e||_2 over
 all ranks (float64; the plain norm where ||e|| = 0; "inf" or "nan" as strings
 where the backend gave non-finite numbers) of every quantity, against the
 golden values; the verdict at ``mpibn verify``'s tolerance
-(``mpibn.verify.compare_quantity``: max abs <= 32 eps of the result dtype
-times max |e|): "pass" when every quantity passes; otherwise the failing
+(``mpibn.verify.compare_quantity``: max abs <= 32 eps of the SCENARIO's
+dtype times max |e|, less precision than that or NaN/inf where mpibn is
+finite failing whatever the tolerance; a quantity some rank lacks is a
+defect): "pass" when every quantity passes; otherwise the failing
 quantities are recomputed under the peer's convention
 (``peer_convention.recompute`` with the --peer-* knobs) and scored again:
 all pass there -> "convention", some still fail -> "defect". A scenario
@@ -28,7 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from peer_convention import recompute  # noqa: E402
 
-from mpibn.verify import compare_quantity, load_manifest, load_npz  # noqa: E402
+from mpibn.verify import VERDICT_RULE, compare_quantity, load_manifest, load_npz  # noqa: E402
 
 
 def normwise(pairs):
@@ -51,17 +53,19 @@ def score_scenario(golden, results, name, s, peer):
     golden_files = [load_npz(os.path.join(golden, f), list(keys) + ["x", "dy", "gamma", "beta", "moving_mean0",
                                                                      "moving_var0"]) for f in s["files"]]
     result_files = [load_npz(os.path.join(results, f), keys, missing_ok=True) for f in s["files"]]
-    errors, failing = {}, []
+    errors, failing, missing = {}, [], []
     for k in keys:
         if not all(k in f for f in result_files):
+            # Never silently skipped: a quantity some rank lacks is off under any convention.
             errors[k] = None
+            missing.append(k)
             continue
         pairs = [(g[k], r[k]) for g, r in zip(golden_files, result_files)]
         errors[k] = normwise(pairs)
-        if not compare_quantity(pairs).passed:
+        if not compare_quantity(pairs, s["dtype"]).passed:
             failing.append(k)
     entry = {"verdict": "pass", "errors": errors}
-    if not failing:
+    if not failing and not missing:
         return entry
     theirs = recompute(s, golden_files, **peer)
     peer_errors, still = {}, []
@@ -71,12 +75,14 @@ def score_scenario(golden, results, name, s, peer):
         # NaN under the peer's convention (e.g. the mean of an empty device's mean) is no match.
         peer_errors[k] = normwise(pairs) if ref_finite else "nan"
 
-        if not ref_finite or not compare_quantity(pairs).passed:
+        if not ref_finite or not compare_quantity(pairs, s["dtype"]).passed:
             still.append(k)
     entry["errors_peer_convention"] = peer_errors
-    entry["verdict"] = "defect" if still else "convention"
-    entry["note"] = (f"off under both conventions: {', '.join(still)}" if still else
-                     f"matches under the peer's convention: {', '.join(failing)}")
+    entry["verdict"] = "defect" if still or missing else "convention"
+    notes = [f"missing on some rank: {', '.join(missing)}"] if missing else []
+    notes += ([f"off under both conventions: {', '.join(still)}"] if still else
+              [f"matches under the peer's convention: {', '.join(failing)}"] if failing else [])
+    entry["note"] = "; ".join(notes)
     return entry
 
 
@@ -121,7 +127,7 @@ def main(argv=None):
            "golden": f"{manifest['format']} format_version {manifest['format_version']}, mpibn "
                      f"{manifest.get('mpibn_version')} ({manifest.get('statistics_mode')}), "
                      f"{manifest['ranks']} ranks; scored with mpibn {__version__}",
-           "convention": args.convention,
+           "convention": args.convention, "verdict_rule": VERDICT_RULE,
            "peer_convention_recomputed": {k: (str(v) if v is not None else None) for k, v in peer.items()},
            "scenarios": scenarios}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

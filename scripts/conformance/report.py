@@ -80,7 +80,9 @@ def render(directory, md_link_prefix="conformance/"):
            "Each cell: the verdict, then the normwise relative errors ||a - e||_2 / ||e||_2 over all ranks "
            "of y, dx, batch_var (bv) and moving_var (mv) against mpibn's golden values (exact statistics; "
            "`python -m mpibn golden`, 4 ranks, 2 steps). Verdicts: **pass** (every quantity within "
-           "`mpibn verify`'s tolerance, 32 eps of the result dtype, normwise); **CONV** (a convention "
+           "`mpibn verify`'s tolerance, 32 eps of the scenario's dtype, normwise, with no quantity "
+           "missing, none stored with less precision and no NaN or inf where mpibn is finite: "
+           "[ground-truth.md](ground-truth.md#the-verdicts-rules-verify-assert_matches)); **CONV** (a convention "
            "difference: off under mpibn's convention, within tolerance once the reference is recomputed "
            "under the framework's documented convention); **DEFECT** (off under both; bug report linked "
            "below); **defect (accuracy)** (off under both, but only by the rounding of the arithmetic the framework "
@@ -112,6 +114,13 @@ def render(directory, md_link_prefix="conformance/"):
                 cells.append("not run yet")
         out.append(f"| {s} | " + " | ".join(cells) + " |")
     out.append("")
+    old_rule = [titles.get(c, c) for c in runnable if not docs[c].get("verdict_rule")]
+    if old_rule:
+        out += [f"Scored under the old rule, with the tolerance of the dtype each result was stored in, and not "
+                f"re-run since (the framework is not installed where the report was remade): "
+                f"{', '.join(old_rule)}. With the scenario's dtype, cells of float16 scenarios may turn to "
+                f"pass (32 eps of float16 is 3.1e-2 normwise) and results stored with less precision than "
+                f"the scenario's dtype would fail.", ""]
     if missing:
         names = [titles.get(c, c) for c in missing if c not in gpu]
         if names:

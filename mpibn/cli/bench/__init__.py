@@ -19,8 +19,6 @@ import numpy as np
 from ..launch import run_under_mpiexec
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-# The source checkout this package runs from, if any (pip install -e .): mpibn/cli/bench/ is 3 deep.
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 # best_of: a batch of calls per timed sample lasts at least this long.
 SAMPLE_S = 2e-3
 
@@ -49,8 +47,9 @@ def data(shape, dtype, seed=0):
 
 
 def layer(channels, dtype, comm=None, **kw):
-    from mpi4py import MPI
+    from mpibn.comm import _mpi
     from mpibn.layer import SyncBatchNorm
+    MPI = _mpi()                  # one clear line (MPIUnavailable) when there is no MPI library
     bn = SyncBatchNorm(channels, dtype=dtype, comm=comm or MPI.COMM_SELF, **kw).set_train(True)
     bn.gamma.data[...] = np.linspace(0.5, 1.5, channels)
     bn.beta.data[...] = np.linspace(-0.2, 0.2, channels)
@@ -120,13 +119,11 @@ def pinned(threads):
 
 
 def default_out(smoke):
-    """docs/ of the source checkout, else the current directory; a smoke run: a new
-    temporary directory, so that it never replaces the committed numbers."""
+    """Where results go without ``--out``: the current directory (a smoke run: a new
+    temporary directory). Never docs/ of a checkout: the committed numbers change
+    only when asked, with ``--out docs``."""
     if smoke:
         return tempfile.mkdtemp(prefix="mpibn-bench-smoke-")
-    docs = os.path.join(ROOT, "docs")
-    if os.path.isfile(os.path.join(ROOT, "setup.cfg")) and os.path.isdir(docs):
-        return docs
     return os.getcwd()
 
 

@@ -26,10 +26,10 @@ Under ``mpiexec -n P`` (run by the parent) every rank takes 1/P of the
 batch and times the synced layer against the same layer alone on that
 shard (``comm=COMM_SELF``), in the same run: the ratio is what the
 group's one Allreduce per pass costs. Results go to performance.json and
-a PNG plot in ``--out`` (default: docs/ of the source checkout mpibn runs
-from, else the current directory; a ``--smoke`` run writes to a new
-temporary directory unless given ``--out``, so that it never replaces
-the committed numbers); a progress line goes to stderr.
+a PNG plot in ``--out`` (default: the current directory; a ``--smoke`` run
+writes to a new temporary directory unless given ``--out``; the committed
+numbers in docs/ change only with ``--out docs``); a progress line goes to
+stderr.
 """
 import argparse
 import json
@@ -56,8 +56,12 @@ MPI_SHAPES = [((32, 64, 56, 56), "float32"), ((256, 1024), "float32")]
 YIELD_ENV = {"MPIR_CVAR_ENABLE_HEAVY_YIELD": "1"}
 
 
+#: The first line of ``--help``: the docstring's first line, without its markup.
+DESCRIPTION = "How fast is mpibn's SyncBatchNorm, next to what else one could run?"
+
+
 def parse(argv, prog="mpibn bench"):
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0].strip("`: "),
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION,
                                 epilog="See docs/performance.md for what is measured and the last results.")
     p.add_argument("--np", type=int, nargs="*", default=[2, 4],
                    help="rank counts to relaunch under mpiexec (none: single process only)")
@@ -74,8 +78,8 @@ def parse(argv, prog="mpibn bench"):
                    help="--grid cells: CPU time of the process (default; other programs' load does not "
                         "count) or wall time")
     p.add_argument("--out", default=None,
-                   help="folder for performance.json / performance.png (default: docs/ of the source "
-                        "checkout, else the current directory; --smoke: a new temporary directory)")
+                   help="folder for performance.json / performance.png (default: the current directory; "
+                        "--smoke: a new temporary directory; --out docs refreshes the committed numbers)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)   # set by the parent under mpiexec
     args = p.parse_args(argv)
     if args.quick:
@@ -277,6 +281,15 @@ def plot(results, scaling, path, args):
 
 
 def main(argv=None, prog="mpibn bench"):
+    from ...comm import MPIUnavailable
+    try:
+        return _main(argv, prog)
+    except MPIUnavailable as exc:            # one clear line, not libmpi's search list
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _main(argv=None, prog="mpibn bench"):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv, prog)
     from .grid import OPENBLAS_VARS, run_grid
