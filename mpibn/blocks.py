@@ -1,174 +1,153 @@
-"""Block plans for the math room (NumPy only, no formulas here).
+"""Block plans and scratch buffers for the math room (NumPy only, no formulas here).
 
-The functions of ``mpibn.functional`` work on a (N, C, L) view and must
-compute in float64 whatever the input dtype. Each of them hands ``each``
-its formula as a body that works on one *block*: the block is converted to
-float64 in a scratch buffer, the formula is applied there, and the result
-is written out (or its per-channel sums kept). ``each`` chooses the plan
-from the array's size:
+The functions of ``mpibn.functional`` work on a (B, C, L) view and compute
+in float64 whatever the input dtype. They walk the array block by block:
+a block is copied into a float64 *scratch* buffer (``load``), the formula
+is applied there, and the result is written out (``store``) or its
+per-channel sums kept (``sums``). This module decides the blocks and owns
+the buffers; the formulas stay in ``mpibn.functional``.
 
-* **whole** (x.size <= WHOLE): the array is one block, per-channel vectors
-  are (C, 1) columns that NumPy broadcasts. One NumPy call per step of the
-  formula and no Python loop at all: on small arrays the cost of a call
-  (about 1 us) is what counts, not the values.
-* **blocked** (bigger arrays): blocks of about ``BLOCK`` values, so that
-  the float64 scratch stays in the CPU cache and no full-size float64
-  temporary exists (a float32 activation of 8 MiB or more must not grow
-  by more than its own size during a pass). The loop runs over blocks of
-  thousands of values, each handed whole to NumPy: it visits channels one
-  by one only when a channel holds at least B / 4 values, and splits a
-  row only when one channel of one sample is bigger than a block.
+**One answer on every machine.** Every per-channel sum here is NumPy's own
+``np.add.reduce`` over float64 values, never a BLAS call (``@``, ``dot``,
+``einsum``, ``np.vecdot``): NumPy's wheels ship an OpenBLAS that picks its
+kernel from the CPU at run time, and each kernel adds in a different order,
+so BLAS sums differ in their last bits from one machine to the next. The
+order of ``np.add.reduce`` depends only on the shapes and strides (and on
+the NumPy version), so the same input gives the same bits on every CPU
+(tests/test_cross_kernel.py checks it under four OpenBLAS kernels).
 
-Block shapes of the blocked plan (nb, cb, lb), with B = BLOCK::
+**Layouts.** A block's scratch is laid out so that each channel's values
+are *contiguous* in it, because that is where NumPy sums well:
 
-    L > B           (1, 1, lb)   lb = B positions of one channel
-    N * L >= B / 4  (nb, 1, L)   one channel, about B // L samples
-    otherwise       (nb, cb, L)  several channels, nb * cb * L <= B
+* 4-D input (L > 1): channel-major, (cb, nb, lb). One copy from
+  the transposed view ``x[n, c, l].transpose(1, 0, 2)`` casts and gathers
+  in one pass, and ``sums`` reduces each channel's nb * lb contiguous
+  values with NumPy's pairwise summation (blocks of 128 values, 8
+  accumulators, then halves; error growth about log2 of the length).
+  Per-channel vectors broadcast as (cb, 1) columns over contiguous rows
+  (up to twice the time of a same-shape operation on short rows, where
+  NumPy's per-row cost shows); a one-channel block gets plain scalars.
+* 2-D input (L = 1): natural, (nb, C). Transposing (B, C) would cost a
+  strided pass over the whole array (8x torch at (256, 1024) in the
+  prototype), so ``sums`` adds rows instead, over a reshaped view with
+  ``ACC`` accumulators: rows j, j + ACC, j + 2 ACC, ... go to accumulator j
+  (each a vectorised, sequential column sum), and the ACC partial sums are
+  then added in order. Error growth about nb / ACC + ACC (blocks of fewer
+  than ``ACC_ROWS`` rows are added in order: about nb). A float64 2-D
+  block is already in this layout: it is read as a view (no copy), and a
+  float64 2-D result is written straight into the output.
 
-Per-channel vectors (mean, scale, ...) become plain scalars for a
-one-channel block; for a block of several channels they are expanded once
-per channel block to the block's full shape: NumPy adds two same-shape
-arrays two to three times as fast as it broadcasts a (cb, 1) column over a
-block, and the expansion is shared by every block of those channels. (The
-whole plan broadcasts instead: each vector is used once per call there, and
-an expansion would cost as much as the broadcast it saves.)
+Blocks of one channel group are visited in sample order, and their sums
+added in that order, so per-channel sums are reproducible.
 
-``sums`` and ``dots`` reduce a float64 block per channel over its sample
-and position axes; for long rows they use ``np.vecdot`` (one BLAS dot per
-row, several times faster than ``einsum``).
+**Never convert and broadcast in one call.** A NumPy call that casts
+float32 to float64 *and* broadcasts (``scratch -= x_f32 - mean``) takes a
+buffered path, 1.2 to 4 ns per value against about 0.7 to 1 for a plain
+copy plus a float64 operation: ``load`` converts, then the formulas work on
+float64 scratch only.
+
+**Kept between two calls.** ``reduce(..., keep=True)`` on an array of one
+block leaves its float64 buffers (backward's dy and x - mean) in a second
+pool, and ``each_kept`` runs the next formula on them without loading
+again: the caller passes it on at once, on the same thread.
+
+**Plans.** ``plan(shape)`` is the block shape (nb, cb, lb), or ``"whole"``
+when the array is at most ``WHOLE`` values: one block, one NumPy call per
+step of a formula, no Python loop (on small arrays a call, about 1 us,
+costs more than the values). Bigger arrays use blocks of at most ``BLOCK``
+values so that the float64 scratch stays in the CPU cache and no full-size
+float64 temporary exists (a float32 activation then streams from memory
+as float32)::
+
+    4-D, B * L <= BLOCK   (B, cb, L)     cb = BLOCK // (B * L) channels
+    4-D, L <= BLOCK       (nb, 1, L)     nb = BLOCK // L samples of one channel
+    4-D, L > BLOCK        (1, 1, BLOCK)  a split row
+    2-D                   (nb, cb, 1)    cb = min(C, BLOCK), nb = BLOCK // cb rows
 """
 import threading
 from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["BLOCK", "WHOLE", "Block", "plan", "each", "sums", "dots"]
+__all__ = ["BLOCK", "WHOLE", "ACC", "Plan", "plan", "plan_for", "whole", "reduce", "each", "each_kept",
+           "shifted_sums", "sums"]
 
-# 2**15 float64 values = 256 KiB per buffer, so that a block's scratch
-# and expanded vectors stay in a 0.5-2 MiB L2 cache. Tests set it tiny to
-# run many blocks, partial blocks and split rows on small arrays.
+# 2**15 float64 values = 256 KiB per buffer: a block's two or three
+# scratch buffers stay in a 0.5-2 MiB L2 cache. Tests set it tiny to run
+# many blocks, partial blocks and split rows on small arrays.
 BLOCK = 1 << 15
 
-# Arrays of at most this many values are one block (the whole plan). Up
-# to about 2^17 values the whole plan was as fast as the blocked one or
-# faster (docs/performance.md); its float64 scratch (at most 2 buffers of
-# 1 MiB, kept from call to call) is far below the 8 MiB of input from which
-# the peak-memory bar applies. Tests set it to 0 to send small arrays
-# through the blocked plan.
+# Arrays of at most this many values are one block (the whole plan): its
+# float64 scratch (at most 3 buffers of 1 MiB, kept from call to call) is
+# far below the 8 MiB of input from which the peak-memory bar applies.
+# Tests set it to 0 to send small arrays through the blocked plan.
 WHOLE = 1 << 17
 
-# Rows shorter than this reduce with einsum (a BLAS call per row of a few
-# values would cost more than it saves).
-_VECDOT_MIN = 64
-
-_vecdot = getattr(np, "vecdot", None)      # NumPy >= 2.0
-
-
-class Block:
-    """One block: ``index`` selects it from a (N, C, L) array, ``c`` is its
-    channel slice, ``count`` = nb * lb (values per channel in the block),
-    ``shape`` = (nb, cb, lb)."""
-
-    __slots__ = ("index", "c", "count", "shape")
-
-    def __init__(self, n, c, l):
-        self.index = (n, c, l)
-        self.c = c
-        self.shape = (n.stop - n.start, c.stop - c.start, l.stop - l.start)
-        self.count = self.shape[0] * self.shape[2]
+# Accumulators of a 2-D column sum (rows per accumulator = rows / ACC), for
+# blocks of at least ACC_ROWS rows (below, the rows are added in order: the
+# reshaped sum costs 1.5x a plain one, and f(nb) <= ACC_ROWS anyway).
+ACC, ACC_ROWS = 8, 64
 
 
-class _All:
-    """The whole plan's one block: all of the array, all channels."""
+class Plan:
+    """The blocks of one (B, C, L) shape.
 
-    __slots__ = ()
-    index = (slice(None),) * 3
-    c = slice(None)
+    ``blocks``: ((n, c, l) slices, (nb, cb, lb), first) per block, channel
+    group by channel group, samples in order; ``first`` is True for the
+    first block of its channel group (its sums start the group's totals).
+    ``major``: True for the channel-major layout (4-D), False for rows (2-D).
+    """
 
+    __slots__ = ("shape", "blocks", "major", "full", "whole")
 
-_ALL = _All()
+    def __init__(self, shape, block, whole):
+        num, channels, length = shape
+        self.shape = shape
+        self.major = length > 1
+        self.whole = whole
+        nb, cb, lb = (num, channels, length) if whole else _sizes(shape, block)
+        nb, cb, lb = self.full = (max(nb, 1), max(cb, 1), max(lb, 1))    # 1: an empty array
+        self.blocks = []
+        for c0 in range(0, channels, cb):
+            c = slice(c0, min(c0 + cb, channels))
+            first = True
+            for n0 in range(0, num, nb):
+                n = slice(n0, min(n0 + nb, num))
+                for l0 in range(0, length, lb):
+                    l = slice(l0, min(l0 + lb, length))
+                    size = (n.stop - n.start, c.stop - c.start, l.stop - l.start)
+                    self.blocks.append(((n, c, l), size, first))
+                    first = False
 
 
 def _sizes(shape, block):
     num, channels, length = shape
+    if length == 1:
+        cb = min(channels, block)
+        return max(1, min(num, block // cb)), cb, 1
     if length > block:
         return 1, 1, block
-    if num * length >= block // 4:
-        # A channel holds a good share of a block: one channel per block, so
-        # that per-channel vectors are plain scalars (no expansion at all).
-        chunks = -(-num // max(1, block // length))
-        return -(-num // chunks), 1, length
-    cb = channels if channels * length <= block else max(1, block // length)
-    nb = max(1, min(num, block // (cb * length)))
-    return nb, cb, length
+    if num * length <= block:
+        return num, max(1, min(channels, block // (num * length))), length
+    return max(1, block // length), 1, length
 
 
 def plan(shape):
-    """The plan ``each`` uses for a (N, C, L) array: ``"whole"``, or the
-    blocked plan's block shape (nb, cb, lb) (for tests and the benchmark)."""
+    """``"whole"``, or the blocked plan's block shape (nb, cb, lb), for a
+    (B, C, L) array (for tests and the benchmark)."""
     size = shape[0] * shape[1] * shape[2]
     return "whole" if size <= WHOLE else _sizes(shape, BLOCK)
 
 
-@lru_cache(maxsize=64)
-def _plan(shape, block):
-    """((channel slice, (Block, ...)), ...): the blocks, channel block by channel block."""
-    num, channels, length = shape
-    nb, cb, lb = _sizes(shape, block)
-    spans = [(slice(n0, min(n0 + nb, num)), slice(l0, min(l0 + lb, length)))
-             for n0 in range(0, num, nb) for l0 in range(0, length, lb)]
-    groups = []
-    for c0 in range(0, channels, cb):
-        c = slice(c0, min(c0 + cb, channels))
-        groups.append((c, tuple(Block(n, c, l) for n, l in spans)))
-    return tuple(groups), (nb, cb, lb)
+def plan_for(shape):
+    """The ``Plan`` for a (B, C, L) shape (cached)."""
+    size = shape[0] * shape[1] * shape[2]
+    return _plan(shape, BLOCK, size <= WHOLE)
 
 
-def each(x, vectors, k, body):
-    """Call ``body(block, expanded, scratch)`` for every block of a (N, C, L) array x.
-
-    ``block.index`` selects the block from x (or any array of x's shape)
-    and ``block.c`` its channels. ``expanded`` holds each (C,) vector of
-    ``vectors`` for the block's channels, in a form that broadcasts against
-    the block: a (C, 1) column in the whole plan, a float64 scalar for a
-    one-channel block, else an array of the block's shape; ``scratch`` k
-    float64 buffers of the block's shape; both belong to the call only.
-    Blocks come in a fixed order, so per-channel sums are reproducible.
-    """
-    if x.size <= WHOLE:
-        # An empty array (N, H or W is 0: such a rank counts 0 values per
-        # channel, as an empty batch does) has nothing to visit.
-        if x.size:
-            body(_ALL, [np.asarray(v, np.float64)[:, None] for v in vectors],
-                 [buf.reshape(x.shape) for buf in _scratch(k, x.size)])
-        return
-    groups, full = _plan(x.shape, BLOCK)
-    vectors = [np.asarray(v, np.float64) for v in vectors]
-    size = full[0] * full[1] * full[2]
-    wide = len(vectors) if full[1] > 1 else 0
-    bufs = _scratch(k + wide, size)
-    wide, bufs = [buf.reshape(full) for buf in bufs[k:]], bufs[:k]
-    # Lists, not tuples: tuples made per block would pile up on CPython's
-    # tuple free list, which a memory soak test sees as growth.
-    views = {}      # block shape -> (expanded, scratch) views, made once per shape
-    for c, members in groups:
-        if c.stop - c.start == 1:                   # one channel: scalars will do
-            scalars = [v[c.start] for v in vectors]
-            for b in members:
-                view = views.get(b.shape)
-                if view is None:
-                    view = views[b.shape] = [buf[:b.count].reshape(b.shape) for buf in bufs]
-                body(b, scalars, view)
-            continue
-        for w, v in zip(wide, vectors):
-            w[:, :c.stop - c.start] = v[c, None]    # once per channel block
-        for b in members:
-            view = views.get(b.shape)
-            if view is None:
-                nb, cb, lb = b.shape
-                view = views[b.shape] = ([w[:nb, :cb, :lb] for w in wide],
-                                         [buf[:nb * cb * lb].reshape(b.shape) for buf in bufs])
-            body(b, *view)
+@lru_cache(maxsize=128)
+def _plan(shape, block, whole):
+    return Plan(shape, block, whole)
 
 
 _POOL = threading.local()
@@ -178,46 +157,277 @@ def _scratch(count, size):
     """``count`` float64 buffers of ``size`` values, reused from call to call.
 
     Fresh buffers of a few hundred KiB come from the operating system as
-    untouched pages, and the first write of each page costs a page fault: on
-    a (256, 1024) array that doubled the time of a backward pass. So the
+    untouched pages, and the first write of each page costs a page fault:
+    on a (256, 1024) array that doubled the time of a backward pass. So the
     scratch memory is kept, one flat array per thread (two threads never
-    share it), as big as the biggest request so far: at most 2 MiB, as
-    ``each`` asks for at most 2 scratch buffers of WHOLE values, or 2
-    buffers and 4 expanded vectors of BLOCK values.
+    share it), as big as the biggest request so far: at most 3 MiB (three
+    buffers of WHOLE values), and as much again for the second pool that
+    ``reduce(..., keep=True)`` fills.
     """
     flat = getattr(_POOL, "flat", None)
     if flat is None or flat.size < count * size:
         flat = _POOL.flat = np.empty(count * size)
+        _POOL.views = {}
     return [flat[i * size:(i + 1) * size] for i in range(count)]
 
 
-_ONES = np.ones(0)
+def scratch(p, size, count):
+    """``count`` float64 buffers for a block of shape ``size`` (nb, cb, lb)
+    of plan ``p``, stacked: (count, cb, nb * lb) channel-major or
+    (count, nb, cb) rows. Views into the thread's pool, made once per shape."""
+    views = getattr(_POOL, "views", None)
+    key = (p.major, p.full, size, count)
+    if views is not None and key in views:
+        return views[key]
+    nb, cb, lb = p.full
+    full = nb * cb * lb
+    _scratch(count, full)                            # grows the pool (and resets views) if needed
+    n, c, l = size
+    flat = _POOL.flat[:count * full].reshape(count, full)[:, :n * c * l]
+    got = _POOL.views[key] = flat.reshape((count, c, n * l) if p.major else (count, n, c))
+    return got
 
 
-def _ones(n):
-    global _ONES
-    if _ONES.size < n:
-        _ONES = np.ones(n)
-    return _ONES[:n]
+def load(dst, src, index, major):
+    """Block ``index`` of a (B, C, L) array as the formulas read it: a float64
+    2-D block as a view of ``src`` itself (its rows are the scratch layout:
+    a copy would be one more pass for nothing), otherwise copied into float64
+    scratch ``dst`` (cast and gather in one assignment: ``a[...] = b`` is
+    ``np.copyto`` without its dispatch, 0.2 us less per call). Returns it."""
+    block = src[index]
+    if major:
+        dst.reshape(block.shape[1], block.shape[0], block.shape[2])[...] = block.transpose(1, 0, 2)
+    elif src.dtype == np.float64:
+        return block[:, :, 0]
+    else:
+        dst[...] = block[:, :, 0]
+    return dst
 
 
-def sums(a):
-    """sum_{n,l} a[n, c, l] for a float64 block (nb, cb, lb) -> (cb,)
-    (a scalar for a one-channel scratch block: one BLAS dot for all of it)."""
-    nb, cb, lb = a.shape
-    if cb == 1 and a.flags.c_contiguous:
-        return a.reshape(-1) @ _ones(a.size)
-    if lb == 1:
-        return _ones(nb) @ a[:, :, 0]                   # BLAS gemv
-    if _vecdot is not None and lb >= _VECDOT_MIN:
-        return _vecdot(a, _ones(lb)).sum(axis=0)
-    return a.sum(axis=(0, 2))
+def target(dst, index, scratch, major):
+    """Where a formula writes block ``index`` of its result ``dst``: the block
+    of a float64 2-D ``dst`` itself (nothing to store after), else ``scratch``."""
+    if not major and dst.dtype == np.float64:
+        return dst[index][:, :, 0]
+    return scratch
 
 
-def dots(a, b):
-    """sum_{n,l} a[n, c, l] * b[n, c, l] for float64 blocks -> (cb,) (or a scalar, as sums)."""
-    if a.shape[1] == 1 and a.flags.c_contiguous and b.flags.c_contiguous:
-        return a.reshape(-1) @ b.reshape(-1)
-    if _vecdot is not None and a.shape[2] >= _VECDOT_MIN:
-        return _vecdot(a, b).sum(axis=0)
-    return np.einsum("ncl,ncl->c", a, b)
+def store(dst, index, src, major):
+    """Write scratch ``src`` back into block ``index`` of (B, C, L) ``dst``,
+    rounded once to dst's dtype (nothing to do when ``target`` gave the block itself)."""
+    block = dst[index]
+    if not major and dst.dtype == np.float64:
+        return
+    if major:
+        block.transpose(1, 0, 2)[...] = src.reshape(block.shape[1], block.shape[0], block.shape[2])
+    else:
+        block[:, :, 0] = src
+
+
+def sums(a, major, out):
+    """Per-channel sums of stacked scratch blocks into ``out`` (k, cb).
+
+    a: (k, cb, m) channel-major: NumPy's pairwise sum along each contiguous row;
+    a: (k, nb, cb) rows: ACC accumulators over a reshaped view, then added in order.
+    """
+    if major:
+        return np.add.reduce(a, axis=2, out=out)
+    k, nb, cb = a.shape
+    if nb < ACC_ROWS:                   # few rows: added in order (cheaper, f(nb) is small)
+        return np.add.reduce(a, axis=1, out=out)
+    whole = nb - nb % ACC
+    part = np.add.reduce(a[:, :whole].reshape(k, whole // ACC, ACC, cb), axis=1)
+    np.add.reduce(part, axis=1, out=out)
+    if whole < nb:
+        out += np.add.reduce(a[:, whole:], axis=1)
+    return out
+
+
+def _wide(p, k, vectors):
+    """Buffers for ``vectors`` expanded to a full 2-D block, or None.
+
+    A 2-D block of several channels broadcasts each (C,) vector over its
+    rows, which costs NumPy up to 1.5x a same-shape operation. When a
+    channel group has several blocks (the blocked plan of a big 2-D array)
+    each vector is expanded once per group instead (``_expand``), and every
+    block of the group uses it as a same-shape operand."""
+    if p.major or p.full[1] == 1 or p.full[0] >= p.shape[0]:
+        return None
+    return list(scratch(p, p.full, k + len(vectors))[k:])      # after the k block buffers
+
+
+def _expand(wide, vectors, c, size, first):
+    """The columns of a 2-D block from ``_wide``'s buffers, filled on the group's first block."""
+    cb = c.stop - c.start
+    if first:
+        for w, v in zip(wide, vectors):
+            if v is not None:
+                w[:, :cb] = v[c]
+    return [None if v is None else w[:size[0], :cb] for w, v in zip(wide, vectors)]
+
+
+def _columns(vectors, c, major):
+    if c.stop - c.start == 1:           # one channel: plain scalars, NumPy's fastest operand
+        return [None if v is None else v[c.start] for v in vectors]
+    return [None if v is None else (v[c, None] if major else v[c]) for v in vectors]
+
+
+def _whole(shape, k, kept=False):
+    """The whole plan's scratch for a (B, C, L) shape: (stacked (k, ...) as
+    ``scratch``, its k buffers, k load targets shaped like the transposed
+    block, major),
+    made once per shape and kept with the thread's pool (small arrays: the
+    cost of a call is what counts, so nothing is rebuilt per call).
+    ``kept``: from a second pool, which holds what ``reduce(..., keep=True)``
+    hands on to the next ``each_kept`` (the first pool is every call's)."""
+    views = getattr(_POOL, "views", None)
+    got = None if views is None else views.get((shape, k, kept))
+    if got is None:
+        num, channels, length = shape
+        size = num * channels * length
+        _scratch(k, size)
+        if kept:
+            flat = getattr(_POOL, "kept", None)
+            if flat is None or flat.size < k * size:
+                flat = _POOL.kept = np.empty(k * size)
+                _POOL.views = {}                     # views of the old kept pool go
+        else:
+            flat = _POOL.flat
+        major = length > 1
+        s = flat[:k * size].reshape((k, channels, num * length) if major else (k, num, channels))
+        bufs = list(s)                  # the same view objects every call (bodies compare by identity)
+        targets = [b.reshape(channels, num, length) if major else b.reshape(num, channels, 1) for b in s]
+        got = _POOL.views[(shape, k, kept)] = (s, bufs, targets, major)
+    return got
+
+
+def whole(shape):
+    """True when a (B, C, L) array of this shape is one block (the whole plan; not empty)."""
+    return 0 < shape[0] * shape[1] * shape[2] <= WHOLE
+
+
+def reduce(sources, k, body, vectors, out, summed=None, keep=False):
+    """Per-channel sums of a formula, into ``out`` (k, C) float64.
+
+    For each block: ``body(blocks, scratch, columns)`` gets the block of each
+    (B, C, L) array in ``sources`` as float64 (``load``: in scratch buffer 0,
+    1, ..., or a view of a float64 2-D source), the k scratch buffers, and
+    the (C,) ``vectors`` for the block's channels shaped to broadcast; it
+    leaves in the scratch buffers the quantities to sum. Every buffer (or
+    those that slice ``summed`` picks) is then summed per channel. A
+    channel group's blocks are added in sample order. Returns ``out``.
+    ``keep``: an array of one block leaves its scratch, as ``body`` left it,
+    for ``each_kept`` (the caller's next call on this thread).
+    """
+    x = sources[0]
+    if x.size == 0:
+        out[...] = 0.0
+        return out
+    if x.size <= WHOLE:                 # one block: no loop, the fewest calls
+        s, bufs, targets, major = _whole(x.shape, k, keep)
+        ins = [_load_whole(b, t, src, major) for b, t, src in zip(bufs, targets, sources)]
+        if body is None:                # the one source itself is summed
+            s = ins[0][None]
+        else:
+            body(ins, bufs, [v[:, None] if major and v is not None else v for v in vectors])
+        return sums(s[summed] if summed else s, major, out)
+    p = plan_for(x.shape)
+    part = np.empty((k, p.full[1]))
+    wide = _wide(p, k, vectors)
+    for index, size, first in p.blocks:
+        c = index[1]
+        s = scratch(p, size, k)
+        bufs = list(s)
+        ins = [load(b, src, index, p.major) for b, src in zip(bufs, sources)]
+        if body is None:                # the one source itself is summed
+            s = ins[0][None]
+        else:
+            body(ins, bufs, _columns(vectors, c, p.major) if wide is None
+                 else _expand(wide, vectors, c, size, first))
+        if summed:
+            s = s[summed]
+        if first:
+            sums(s, p.major, out[:, c])
+        else:
+            out[:, c] += sums(s, p.major, part[:, :c.stop - c.start])
+    return out
+
+
+def _load_whole(buf, target, src, major):
+    """``load`` for the whole plan: ``buf`` is the scratch buffer, ``target``
+    the same memory shaped like the (transposed) array."""
+    if major:
+        target[...] = src.transpose(1, 0, 2)
+    elif src.dtype == np.float64:
+        return src[:, :, 0]
+    else:
+        target[...] = src
+    return buf
+
+
+def each(sources, k, body, vectors, dst):
+    """An element-wise formula, block by block, rounded once into ``dst``.
+
+    As ``reduce``, but what ``body`` leaves in scratch buffer 0 is the
+    block's result, written into the block of (B, C, L) ``dst`` (of any float
+    dtype; a float64 2-D ``dst`` block is itself handed over as buffer 0).
+    """
+    x = sources[0]
+    if x.size == 0:
+        return dst
+    if x.size <= WHOLE:                 # one block: no loop, the fewest calls
+        s, bufs, targets, major = _whole(x.shape, k)
+        ins = [_load_whole(b, t, src, major) for b, t, src in zip(bufs, targets, sources)]
+        direct = not major and dst.dtype == np.float64
+        outs = [dst[:, :, 0], *bufs[1:]] if direct else bufs
+        body(ins, outs, [v[:, None] if major and v is not None else v for v in vectors])
+        if not direct:
+            (dst.transpose(1, 0, 2) if major else dst)[...] = targets[0]
+        return dst
+    p = plan_for(x.shape)
+    wide = _wide(p, k, vectors)
+    for index, size, first in p.blocks:
+        bufs = list(scratch(p, size, k))
+        ins = [load(b, src, index, p.major) for b, src in zip(bufs, sources)]
+        out = target(dst, index, bufs[0], p.major)
+        columns = (_columns(vectors, index[1], p.major) if wide is None
+                   else _expand(wide, vectors, index[1], size, first))
+        body(ins, bufs if out is bufs[0] else [out, *bufs[1:]], columns)
+        store(dst, index, bufs[0], p.major)
+    return dst
+
+
+def each_kept(shape, k, body, vectors, dst):
+    """``each`` on what ``reduce(..., keep=True)`` left in its k buffers
+    for a (B, C, L) array of ``shape`` (one block): nothing is loaded."""
+    s, bufs, targets, major = _whole(shape, k, True)
+    body(bufs, bufs, [v[:, None] if major and v is not None else v for v in vectors])
+    (dst.transpose(1, 0, 2) if major else dst)[...] = targets[0]
+    return dst
+
+
+def shifted_sums(x, head, body):
+    """(K, sums) for ``batch_norm_stats``: K (C,) the mean of each channel
+    over the first ``head`` samples of (B, C, L) x, then ``reduce((x,), 2,
+    body, (K,))``. In the whole plan K comes from the block already loaded
+    (x is converted once); otherwise from a pass over the head."""
+    num, channels, length = x.shape
+    out = np.empty((2, channels))
+    if x.size > WHOLE:
+        shift = reduce((x[:head],), 1, None, (), np.empty((1, channels)))[0]
+        shift /= float(head * length)
+        return shift, reduce((x,), 2, body, (shift,), out)
+    s, bufs, targets, major = _whole(x.shape, 2)
+    ins = [_load_whole(bufs[0], targets[0], x, major)]
+    shift = np.empty(channels)
+    if major:
+        # Pairwise within each sample's L values, then over the samples: the
+        # order in which NumPy reduced x over axes (0, 2) before, so K (the
+        # first pass) is unchanged for float64 input of up to 8 samples.
+        per_sample = np.add.reduce(targets[0][:, :head], axis=2)
+        np.add.reduce(per_sample, axis=1, out=shift)
+    else:
+        sums(ins[0][None, :head], False, shift[None])
+    shift /= float(head * length)
+    body(ins, bufs, [shift[:, None] if major else shift])
+    return shift, sums(s, major, out)

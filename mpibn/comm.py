@@ -498,6 +498,13 @@ class RowExchange:
         """The group's sum of the summed region after the last exchange."""
         return self.group._summed[:self.summed_width]
 
+    def payload(self):
+        """Zero the group's buffer and return this rank's payload, a (k, C)
+        view of its row, to fill in place before ``exchange(..., FILLED, ...)``
+        (saves a copy of the payload on every call)."""
+        buf = self.group.buffer()
+        return buf[self.group.rank, HEADER:self.width].reshape(self.k, self.channels)
+
     def exchange(self, problem, count, payload, context, tag=(0, 0), summed=None):
         """Send this rank's (problem, count, payload (k, C)); return every rank's.
 
@@ -506,36 +513,44 @@ class RowExchange:
 
         Returns (counts (P,), payloads (P, k, C)) after one Allreduce, or
         raises the agreed exception on every rank when any rank reported a
-        problem. ``payload`` may be None when ``problem`` is set.
+        problem. ``payload`` may be None when ``problem`` is set, and
+        ``FILLED`` when it was written into ``payload()`` already.
         """
-        check_alive(self.group, context)       # a stopped group runs nothing (fail-stop)
-        buf = self.group.buffer()
-        row = buf[self.group.rank]
+        group = self.group
+        check_alive(group, context)                    # a stopped group runs nothing (fail-stop)
+        buf = group._buf if payload is FILLED else group.buffer()
+        row = buf[group.rank]
         row[LAYER], row[CALL] = tag                    # two scalars: no array made from a tuple
         if problem is not None:
             row[STATUS] = problem.code
             row[DETAILS] = problem.details
+            row[HEADER:] = 0.0                         # a half-filled payload travels as zeros
         else:
             row[COUNT] = count
-            rows = row[HEADER:self.width].reshape(self.k, self.channels)
-            for i, values in enumerate(payload):       # k (C,) arrays: no stacked copy
-                rows[i] = values
+            if payload is not FILLED:
+                rows = row[HEADER:self.width].reshape(self.k, self.channels)
+                for i, values in enumerate(payload):   # k (C,) arrays: no stacked copy
+                    rows[i] = values
             if summed is not None:
-                self.group._summed[:self.summed_width] = np.ravel(summed)
+                group._summed[:self.summed_width] = np.ravel(summed)
         # The rows alone when the group has no summed region (the same memory).
-        self.group.allreduce_sum(self.group._flat if self.group._summed.size else buf, tag)
+        group.allreduce_sum(group._flat if group._summed.size else buf, tag)
         # A peer stopped the group while this rank was late: its result is not used.
-        check_alive(self.group, context)
+        check_alive(group, context)
         # Cheap tests first (this is every call's path); the functions build the
         # messages, and an error with the ranks out of step stops the group.
-        tags = buf[:, TAG] if self.group.size > 1 else None
-        if buf[:, STATUS].any():
-            raise_agreed(buf[:, STATUS], buf[:, DETAILS], self.group.ranks, context, problem, tags,
-                         self.group)
+        tags = buf[:, TAG] if group.size > 1 else None
+        if (row[STATUS] != 0.0) if tags is None else buf[:, STATUS].any():
+            raise_agreed(buf[:, STATUS], buf[:, DETAILS], group.ranks, context, problem, tags,
+                         group)
         if tags is not None:
-            check_tags(tags, self.group.ranks, context, self.group)
+            check_tags(tags, group.ranks, context, group)
         payloads = buf[:, HEADER:self.width].reshape(-1, self.k, self.channels)
         return buf[:, COUNT].copy(), payloads.copy()
+
+
+#: ``RowExchange.exchange``'s payload when it was written into ``payload()`` in place.
+FILLED = "filled"
 
 
 def make_exchange(group_comm, channels, exact=False):

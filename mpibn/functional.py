@@ -42,6 +42,9 @@ docs/derivation.md, "Accuracy"):
   non-negative terms.
 * Moving variance uses the unbiased variance M2 / (N - 1) with the group's
   total count N.
+* One answer on every machine: every sum is NumPy's own ``np.add.reduce``
+  over float64 values, never BLAS (whose kernel, and so whose order of
+  additions, OpenBLAS picks from the CPU at run time); see ``mpibn.blocks``.
 
 Speed without a lost digit:
 
@@ -54,7 +57,8 @@ Speed without a lost digit:
   cost twice a float32 input in memory, and an xhat rounded to the input
   dtype would throw away the digits that x - mean in float64 keeps.
   Recomputing x - mean costs one subtraction per value in each backward
-  pass, done in cache.
+  pass, done in cache; an array of one block forms dy and x - mean once
+  for both backward formulas (``keep``/``kept``).
 
 Shapes: x is (B, C) or (B, C, H, W), B the batch dimension (the API's N;
 here N is the group's count of values). Internally every function works on a
@@ -87,7 +91,7 @@ def as_ncl(x):
     return x[:, :, None]
 
 
-def batch_norm_stats(x):
+def batch_norm_stats(x, out=None):
     """Local moments of one shard, per channel, in float64.
 
     ::
@@ -99,21 +103,23 @@ def batch_norm_stats(x):
     Computed with the corrected two-pass sum of Chan, Golub and LeVeque
     about a shift K (C,)::
 
-        d = x - K,   mean = K + sum(d)/n,   m2 = sum(d^2) - sum(d)^2/n
+        d = x - K,   mean = K + sum(d)/n,   m2 = sum(d^2) - sum(d) (sum(d)/n)
 
     Its relative rounding error is of order u * f(n) * (1 + kappa), with
     kappa = n (mean - K)^2 / m2 (Chan, Golub and LeVeque's bound for the
     textbook formula on data shifted by K; u the unit roundoff, f(n) the
     growth of rounding error with the length of the sums, which the block
-    plan of ``mpibn.blocks`` decides), whatever |mean|/std: x - K is
+    plan of ``mpibn.blocks`` decides: the sums are NumPy's own, never BLAS,
+    so the same bits on every CPU), whatever |mean|/std: x - K is
     (nearly) exact where x is close to K. K is the mean of the first
     ceil(B/16) samples (the head; all of x when x.size <= SMALL_SHARD,
     counting every channel: then this is the classic two-pass algorithm),
     and the head's own deviations bound kappa: n_head (K - mean)^2 <=
     sum_head (x - mean)^2 <= m2, so kappa <= n / n_head <= 16 for any data,
     a factor of at most 17 over the error with the exact mean as shift.
-    x is read from memory once (plus the head), one cache-sized block at a
-    time. The analysis, f(n) for each plan and the measured errors:
+    x is read from memory once (plus the head; an array of one block takes
+    K from the block already converted), one cache-sized block at a time.
+    The analysis, f(n) for each plan and the measured errors:
     docs/ground-truth.md, "One shard's moments". An empty shard gives
     (0, 0, 0).
 
@@ -121,35 +127,43 @@ def batch_norm_stats(x):
     rank means would each carry a rounding error of order u*|mean|, which
     the between-block term turns into an error of order u*|mean|/std in m2.)
 
-    x: (B, C, L) of any float dtype. Returns (n, mean, m2).
+    x: (B, C, L) of any float dtype. ``out``: an optional (2, C) float64
+    array for (mean, m2). Returns (n, mean, m2).
     """
     num, channels, length = x.shape
     count = num * length
+    out = np.empty((2, channels)) if out is None else out
+    mean, m2 = out
     if count == 0:
-        return 0, np.zeros(channels), np.zeros(channels)
+        out[...] = 0.0
+        return 0, mean, m2
     # A small shard is its own head (K = its first-pass mean): the extra pass
     # costs nothing there, and it keeps sum(d) from drifting on few values.
-    head = x if x.size <= SMALL_SHARD else x[:-(-num // 16)]
-    shift = np.add.reduce(head, axis=(0, 2), dtype=np.float64) / (head.shape[0] * length)
-    d_sum, d_sq = np.zeros(channels), np.zeros(channels)
-
-    def block(b, vectors, scratch):
-        (shift,), (d,) = vectors, scratch
-        d[...] = x[b.index]                         # float64 copy of the block
-        d -= shift                                  # d = x - K
-        d_sum[b.c] += blocks.sums(d)
-        d_sq[b.c] += blocks.dots(d, d)
-    blocks.each(x, (shift,), 1, block)
-    m2 = d_sq - d_sum * d_sum / count
+    head = num if x.size <= SMALL_SHARD else -(-num // 16)
+    shift, sums = blocks.shifted_sums(x, head, _shifted)
+    d_sum, d_sq = sums
+    np.divide(d_sum, float(count), out=mean)        # sum(d)/n (a float: NumPy divides faster)
+    np.multiply(d_sum, mean, out=m2)
+    np.subtract(d_sq, m2, out=m2)                   # sum(d^2) - sum(d) * sum(d)/n
+    mean += shift                                   # K + sum(d)/n
     # >= 0 in exact arithmetic; only rounding or underflow can make it
     # negative, and then by no more than their size (a constant channel
     # near 1.7e-147 gives -5e-324, the smallest subnormal), so 0 is the
     # better value. Unlike a clamp of E[x^2] - E[x]^2 this hides no lost
     # digits (docs/ground-truth.md, "The clamp on m2").
-    return count, shift + d_sum / count, np.maximum(m2, 0.0)
+    np.maximum(m2, 0.0, out=m2)
+    return count, mean, m2
 
 
-def merge_stats(counts, means, m2s):
+def _shifted(blocks_, scratch, columns):
+    """One block of batch_norm_stats: from x (float64), leaves d = x - K in
+    scratch[0] and d^2 in scratch[1], the two quantities summed per channel."""
+    (x,), (shift,), (d, sq) = blocks_, columns, scratch
+    np.subtract(x, shift, out=d)                    # d = x - K
+    np.multiply(d, d, out=sq)
+
+
+def merge_stats(counts, means, m2s, out=None):
     """Moments of the concatenated batch from every rank's local moments.
 
     ::
@@ -165,21 +179,27 @@ def merge_stats(counts, means, m2s):
     shift) / N`` about the first non-empty rank's mean, so its rounding
     error scales with the spread of the rank means, not with |mean|. Ranks
     are visited in a fixed order (rows of the arrays), so every rank that
-    calls this with the same table gets bitwise the same result.
+    calls this with the same table gets bitwise the same result (the sums
+    over ranks are NumPy's own, added rank after rank: no BLAS).
 
-    counts: (P,), means: (P, C), m2s: (P, C). Returns (N, mean, M2).
+    counts: (P,), means: (P, C), m2s: (P, C). ``out``: an optional (2, C)
+    float64 array for (mean, M2). Returns (N, mean, M2).
     """
     counts = np.asarray(counts, dtype=np.float64)
     means = np.asarray(means, dtype=np.float64)
     m2s = np.asarray(m2s, dtype=np.float64)
-    total = counts.sum()
+    total = sum(counts.tolist())                    # integers: exact in any order
+    out = np.empty((2, means.shape[1])) if out is None else out
     if total == 0:
-        return 0, np.zeros(means.shape[1]), np.zeros(means.shape[1])
+        out[...] = 0.0
+        return 0, out[0], out[1]
     if counts.shape[0] == 1:
         # One rank: the lines below add an exact 0 to its own mean and m2
         # (NaN where its mean is not finite); so does this, in 3 calls not 15.
         zero = means[0] - means[0]
-        return int(total), means[0] + zero, m2s[0] + zero
+        np.add(means[0], zero, out=out[0])
+        np.add(m2s[0], zero, out=out[1])
+        return int(total), out[0], out[1]
     weights = counts[:, None]
     # Empty ranks carry zero rows; masking every column keeps a stray
     # non-finite value on an empty rank from poisoning the sums (0 * nan is
@@ -189,12 +209,14 @@ def merge_stats(counts, means, m2s):
     offsets = means - shift
     if present is not None:
         offsets = np.where(present, offsets, 0.0)
-    mean = shift + (weights * offsets).sum(axis=0) / total
+    mean = out[0]
+    np.add(shift, (weights * offsets).sum(axis=0) / total, out=mean)
     between = weights * (means - mean) ** 2
     if present is not None:
         between = np.where(present, between, 0.0)
         m2s = np.where(present, m2s, 0.0)
-    return int(total), mean, m2s.sum(axis=0) + between.sum(axis=0)
+    np.add(m2s.sum(axis=0), between.sum(axis=0), out=out[1])
+    return int(total), out[0], out[1]
 
 
 def inv_std_from_var(var, eps):
@@ -218,30 +240,25 @@ def batch_norm_elemt(x, mean, inv_std, gamma, beta, out_dtype=None, out=None):
 
     x: (B, C, L); mean, inv_std, gamma, beta: (C,).
     """
-    scale = np.asarray(gamma, np.float64) * inv_std
+    scale = np.multiply(gamma, inv_std, dtype=np.float64)
     y = np.empty(x.shape, out_dtype or x.dtype) if out is None else out
-    direct = y.dtype == np.float64          # then y is its own scratch
-
-    def block(b, vectors, scratch):
-        (m, scale, be), d = vectors, y[b.index] if direct else scratch[0]
-        d[...] = x[b.index]                 # float64
-        d -= m                              # x - mean
-        d *= scale                          # gamma * inv_std
-        d += be
-        if not direct:
-            y[b.index] = d                  # rounded once
-    blocks.each(x, (mean, scale, beta), 0 if direct else 1, block)
-    return y
+    return blocks.each((x,), 1, _normalise, (_f64(mean), scale, _f64(beta)), y)
 
 
-def _xhat_source(xhat, x, mean):
-    """Either xhat itself, or x and mean to form x - mean block by block."""
-    if xhat is not None:
-        return xhat, None
-    return x, np.asarray(mean, np.float64)
+def _normalise(blocks_, scratch, columns):
+    """One block of batch_norm_elemt: from x (float64), leaves y in scratch[0]."""
+    (x,), (m, scale, be), d = blocks_, columns, scratch[0]
+    np.subtract(x, m, out=d)                        # x - mean
+    d *= scale                                      # gamma * inv_std
+    d += be
 
 
-def batch_norm_backward_reduce(dy, xhat=None, *, x=None, mean=None, inv_std=None):
+def _f64(v):
+    return v if type(v) is np.ndarray and v.dtype == np.float64 else np.asarray(v, np.float64)
+
+
+def batch_norm_backward_reduce(dy, xhat=None, *, x=None, mean=None, inv_std=None, out=None,
+                               keep=False):
     """This rank's two per-channel sums for the backward pass, in float64.
 
     ::
@@ -254,28 +271,58 @@ def batch_norm_backward_reduce(dy, xhat=None, *, x=None, mean=None, inv_std=None
     Pass ``xhat``, or ``x``, ``mean`` and ``inv_std`` (what forward kept):
     then ``sum_dy_xhat = inv_std * sum(dy * (x - mean))``, with x - mean
     formed in float64 one block at a time, so xhat never exists in full.
+    The sums are NumPy's own, as in ``batch_norm_stats``. ``out``: an
+    optional (2, C) float64 array for the two sums.
     dy, xhat, x: (B, C, L); mean, inv_std: (C,).
-    """
-    src, mean = _xhat_source(xhat, x, mean)
-    sum_dy = np.zeros(dy.shape[1])
-    sum_dy_xhat = np.zeros(dy.shape[1])
 
-    def block(b, vectors, scratch):
-        g, h = scratch
-        g[...] = dy[b.index]                        # float64 dy
-        h[...] = src[b.index]
-        if vectors:
-            h -= vectors[0]                         # x - mean
-        sum_dy[b.c] += blocks.sums(g)
-        sum_dy_xhat[b.c] += blocks.dots(g, h)
-    blocks.each(dy, () if mean is None else (mean,), 2, block)
-    if mean is not None:
-        sum_dy_xhat *= inv_std
-    return sum_dy, sum_dy_xhat
+    ``keep=True`` (with x and mean) returns a third value for
+    ``batch_norm_backward_elemt(..., kept=...)``: an array of one block
+    (``blocks.whole``) leaves dy and x - mean in float64, already formed,
+    so the next call on this thread need not form them again (None for
+    bigger arrays, whose blocks are formed one at a time).
+    """
+    out = np.empty((2, dy.shape[1])) if out is None else out
+    if xhat is not None:
+        blocks.reduce((dy, xhat), 2, _product, (None,), out)
+        return out[0], out[1]
+    kept = keep and blocks.whole(dy.shape)
+    if kept:                  # dy, x - mean, and their product (the quantities summed: 0 and 2)
+        blocks.reduce((dy, x), 3, _product_kept, (_f64(mean),), out, summed=_FIRST_AND_LAST, keep=True)
+    else:
+        blocks.reduce((dy, x), 2, _product, (_f64(mean),), out)
+    out[1] *= inv_std
+    if keep:
+        return out[0], out[1], (dy.shape if kept else None)
+    return out[0], out[1]
+
+
+_FIRST_AND_LAST = slice(None, None, 2)
+
+
+def _product(blocks_, scratch, columns):
+    """One block of batch_norm_backward_reduce: from dy and x or xhat
+    (float64), leaves dy and dy * (x - mean) (or dy * xhat) in scratch, the
+    quantities summed."""
+    (dy, x), (m,), (g, h) = blocks_, columns, scratch
+    if m is not None:
+        np.subtract(x, m, out=h)                    # x - mean
+        x = h
+    np.multiply(x, dy, out=h)
+    if g is not dy:
+        g[...] = dy
+
+
+def _product_kept(blocks_, scratch, columns):
+    """As ``_product``, keeping dy and x - mean: the product goes to scratch[2]."""
+    (dy, x), (m,), (g, h, gh) = blocks_, columns, scratch
+    np.subtract(x, m, out=h)                        # x - mean
+    if g is not dy:
+        g[...] = dy
+    np.multiply(g, h, out=gh)
 
 
 def batch_norm_backward_elemt(dy, xhat, gamma, inv_std, mean_dy, mean_dy_xhat,
-                              out_dtype=None, *, x=None, mean=None, out=None):
+                              out_dtype=None, *, x=None, mean=None, out=None, kept=None):
     """Input gradient of batch norm from the group's sums.
 
     With y = gamma * xhat + beta, xhat = (x - mean) * inv_std and mean, var
@@ -292,43 +339,51 @@ def batch_norm_backward_elemt(dy, xhat, gamma, inv_std, mean_dy, mean_dy_xhat,
     ``xhat * mean_dy_xhat = (x - mean) * (inv_std * mean_dy_xhat)``, formed
     in float64 one block at a time. dx is rounded once, into ``out`` when
     given (default: a new array of ``out_dtype``, default dy's dtype).
+    ``kept``: the third value of ``batch_norm_backward_reduce(...,
+    keep=True)`` for the same dy, x and mean, the call just before on this
+    thread: dy and x - mean are then taken as it left them (the same bits).
 
     dy, xhat, x: (B, C, L); gamma, inv_std, mean_dy, mean_dy_xhat, mean: (C,).
     """
-    inv_std = np.asarray(inv_std, np.float64)
-    src, mean = _xhat_source(xhat, x, mean)
-    scale = np.asarray(gamma, np.float64) * inv_std
-    coef = np.asarray(mean_dy_xhat, np.float64)
-    if mean is None:
-        mean = np.zeros_like(coef)                  # src is xhat already
-    else:
+    inv_std = _f64(inv_std)
+    scale = np.multiply(gamma, inv_std, dtype=np.float64)
+    coef = _f64(mean_dy_xhat)
+    if xhat is None:
         coef = coef * inv_std
+        src, mean = x, _f64(mean)
+    else:
+        src, mean = xhat, None                      # src is xhat already
     dx = np.empty(dy.shape, out_dtype or dy.dtype) if out is None else out
-
-    def block(b, vectors, scratch):
-        (m, cf, mdy, scale), (t, h) = vectors, scratch
-        t[...] = dy[b.index]
-        t -= mdy                                    # dy - mean_dy
-        h[...] = src[b.index]
-        h -= m
-        h *= cf                                     # xhat * mean_dy_xhat
-        t -= h
-        t *= scale                                  # gamma * inv_std
-        dx[b.index] = t                             # rounded once
-    blocks.each(dy, (mean, coef, mean_dy, scale), 2, block)
-    return dx
+    if kept is not None:                            # (dy, x - mean) already in float64
+        return blocks.each_kept(kept, 3, _input_gradient, (None, coef, _f64(mean_dy), scale), dx)
+    return blocks.each((dy, src), 2, _input_gradient, (mean, coef, _f64(mean_dy), scale), dx)
 
 
-def running_update(moving, batch_stat, momentum):
+def _input_gradient(blocks_, scratch, columns):
+    """One block of batch_norm_backward_elemt: from dy and x or xhat (float64),
+    leaves dx in scratch[0]."""
+    (dy, x), (m, cf, mdy, scale), (t, h) = blocks_[:2], columns, scratch[:2]
+    np.subtract(dy, mdy, out=t)                     # dy - mean_dy
+    if m is not None:
+        np.subtract(x, m, out=h)                    # x - mean
+        x = h
+    np.multiply(x, cf, out=h)                       # xhat * mean_dy_xhat
+    t -= h
+    t *= scale                                      # gamma * inv_std
+
+
+def running_update(moving, batch_stat, momentum, out=None):
     """MindSpore's convention: momentum is the weight of the *old* value.
 
     ::
 
         moving_new = momentum * moving + (1 - momentum) * batch_stat   (C,)
 
-    (PyTorch's momentum=0.1 is the same update as MindSpore's 0.9.)
+    (PyTorch's momentum=0.1 is the same update as MindSpore's 0.9.) In
+    float64; ``out``: an optional float64 array for the result (may be ``moving``).
     """
-    return momentum * np.asarray(moving, np.float64) + (1.0 - momentum) * batch_stat
+    new = np.multiply(moving, momentum, out=out, dtype=np.float64)
+    return np.add(new, np.multiply(batch_stat, 1.0 - momentum), out=new)
 
 
 # -- Deprecated, one release: the synced passes are in mpibn.sync ---------------------------

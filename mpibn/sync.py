@@ -29,6 +29,7 @@ Both modes' passes are here: the default mode's helpers follow each pass,
 and ``exact=True``'s (exact integer sums in the same one Allreduce) are at
 the bottom of the module.
 """
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -36,7 +37,7 @@ import numpy as np
 
 from . import exact as E
 from . import functional as F
-from .comm import NO_FORWARD_TAG, GroupComm, RowExchange, backward_tag, make_exchange
+from .comm import FILLED, NO_FORWARD_TAG, GroupComm, RowExchange, backward_tag, make_exchange
 from .errors import Code, Problem, check_alive, check_grad, check_input, guarded, local_problem, said_once
 from .fingerprint import fingerprint
 
@@ -67,6 +68,10 @@ class Saved:
     fingerprint: Any = None    # None: x is a private copy nobody else can change
     nonfinite: str = "raise"   # backward checks dy's sums as forward checked x's
     used: bool = field(default=False, init=False)     # set by the one backward it may feed
+
+
+# float16/32/64 in native byte order: an x of one of these needs no further dtype check
+_NATIVE_FLOATS = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16))
 
 
 def _context(num_features, what):
@@ -119,11 +124,15 @@ def sync_batch_norm(x, gamma, beta, *, group_comm, eps=1e-5, training=True, runn
     original = x
     if group_comm is None:
         group_comm = GroupComm(None, (0,), 0)     # no peers: plain batch norm
-    problem, channels = guarded(None, lambda: _channels(gamma))
+    if type(gamma) is np.ndarray and gamma.ndim == 1:     # the usual gamma: no call needed
+        problem, channels = None, gamma.shape[0]
+    else:
+        problem, channels = guarded(None, lambda: _channels(gamma))
     context = _context("?" if channels is None else channels, "construct")
     check_alive(group_comm, context)          # a stopped group runs nothing, eval included
-    if problem is None:
-        problem = check_input(x, channels)
+    if problem is None and not (type(x) is np.ndarray and x.dtype in _NATIVE_FLOATS
+                                and x.ndim in (2, 4) and x.shape[1] == channels):
+        problem = check_input(x, channels)      # the usual x passed the line above: no call
     if problem is None and not x.dtype.isnative:
         problem, x = guarded(None, lambda: _native(original))
     if training:
@@ -138,9 +147,14 @@ def sync_batch_norm(x, gamma, beta, *, group_comm, eps=1e-5, training=True, runn
         inv_std = F.inv_std_from_var(running_var, eps)
         count = var = None
     x3 = F.as_ncl(x)
-    # With nonfinite='propagate', Inf - Inf = NaN is the asked-for result, not news.
-    with np.errstate(invalid="ignore" if nonfinite == "propagate" else "warn"):
+    if training and nonfinite == "raise":
+        # Every value of the batch was checked finite on every rank: no
+        # invalid operation can happen here, so no error state to set.
         y = F.batch_norm_elemt(x3, mean, inv_std, gamma, beta)
+    else:
+        # With nonfinite='propagate', Inf - Inf = NaN is the asked-for result, not news.
+        with np.errstate(invalid="ignore" if nonfinite == "propagate" else "warn"):
+            y = F.batch_norm_elemt(x3, mean, inv_std, gamma, beta)
     # x3 shares memory with the caller's x unless as_ncl or _native copied it.
     # In eval, x feeds only this rank's dgamma (dx = gamma * inv_std * dy) and
     # the forward is one cheap pass: the sampled values only, not a full read.
@@ -178,12 +192,12 @@ def agreed_exchange(group_comm, channels, exact, problem, tag):
     return make_exchange(group_comm, channels, exact)
 
 
-def _local_moments(x):
-    # inf - inf is NaN, and squares of 1e160 overflow: no warning, the agreed
-    # checks after the exchange report them (or nonfinite='propagate' asked for them)
-    with np.errstate(invalid="ignore", over="ignore"):
-        count, mean, m2 = F.batch_norm_stats(F.as_ncl(x))
-    return count, (mean, m2)
+def _local_moments(x, out):
+    """This rank's count, with its (mean, m2) written into ``out`` (2, C)
+    (called under batch_statistics' errstate: inf - inf is NaN, and squares
+    of 1e160 overflow, which the agreed checks after the exchange report)."""
+    count, _, _ = F.batch_norm_stats(F.as_ncl(x), out)
+    return count
 
 
 def sum_overflow(a3, sums, nonfinite):
@@ -202,41 +216,65 @@ def batch_statistics(x, problem, exchange, eps, context, tag, running_mean=None,
                      momentum=0.9, nonfinite="raise", exact=False):
     """Local moments -> the one Allreduce -> the group's (mean, inv_std, count, var)."""
     group_comm = exchange.group
-    if exact:
-        counts, rows, total, mean, var, unbiased = exact_statistics(x, problem, exchange, context, tag)
-    else:
-        problem, moments = guarded(problem, lambda: _local_moments(x))
-        count, local = moments if problem is None else (0, None)
-        if problem is None:
-            problem = sum_overflow(F.as_ncl(x), local[0], nonfinite)
-        counts, rows = exchange.exchange(problem, count, local, context, tag)
-        with np.errstate(over="ignore", invalid="ignore"):     # checked below
-            total, mean, m2 = F.merge_stats(counts, rows[:, 0], rows[:, 1])
-    # The checks below read only what every rank of the group holds alike (the
-    # rows, the moving statistics): they raise on every rank or on none, with
-    # no communication (the second way errors are agreed: mpibn/errors.py).
-    if total <= 1:
-        raise ValueError(f"{context}: expected more than 1 value per channel in training, got "
-                         f"{total} over group ranks {list(group_comm.ranks)} "
-                         f"(per-rank counts {counts.astype(int).tolist()})")
-    if nonfinite == "raise":
-        _check_finite(rows, group_comm, context, exact)
-    if not exact:
-        with np.errstate(over="ignore", invalid="ignore"):
-            var, unbiased = m2 / total, m2 / (total - 1)
-    if nonfinite == "raise":
-        _check_group_finite(mean, var, context)
-    with np.errstate(over="ignore"):      # overflow is checked (or asked for) below
-        new_mean = _moving(running_mean, mean, momentum)
-        new_var = _moving(running_var, unbiased, momentum)
-    if nonfinite == "raise":
-        _check_moving_finite(new_mean, new_var, context)
+    # inf - inf is NaN in the local moments, and the merge and the moving
+    # statistics may overflow: no warnings, the agreed checks below report
+    # them (or nonfinite='propagate' asked for them).
+    with np.errstate(invalid="ignore", over="ignore"):
+        if exact:
+            counts, rows, total, mean, var, unbiased = exact_statistics(x, problem, exchange, context, tag)
+        else:
+            count, payload = 0, None
+            if problem is None:
+                # mean and m2 are written straight into this rank's row of the exchange
+                try:
+                    payload = exchange.payload()
+                    count = _local_moments(x, payload)
+                except Exception as exc:     # noqa: BLE001 - errors.guarded, inline on every call's path
+                    problem = Problem.from_exception(exc)
+            if problem is None and nonfinite == "raise" and not _finite(payload[0]):
+                # a sum that overflows on finite values is reported as such, not as NaN or Inf
+                problem = sum_overflow(F.as_ncl(x), payload[0], nonfinite)
+            counts, rows = exchange.exchange(problem, count, None if payload is None else FILLED,
+                                             context, tag)
+            moments = np.empty((2, rows.shape[2]))              # (mean, M2)
+            total, _, _ = F.merge_stats(counts, rows[:, 0], rows[:, 1], out=moments)
+        # The checks below read only what every rank of the group holds alike (the
+        # rows, the moving statistics): they raise on every rank or on none, with
+        # no communication (the second way errors are agreed: mpibn/errors.py).
+        if total <= 1:
+            raise ValueError(f"{context}: expected more than 1 value per channel in training, got "
+                             f"{total} over group ranks {list(group_comm.ranks)} "
+                             f"(per-rank counts {counts.astype(int).tolist()})")
+        if not exact:
+            # (mean, var, unbiased): M2 / N and M2 / (N - 1)
+            mean, var, unbiased = moments[0], moments[1] / float(total), moments[1] / float(total - 1)
+        # Any NaN or Inf in a row with values, or an overflowing merge, makes the
+        # merged moments non-finite: one reduction checks them all in the usual case.
+        if nonfinite == "raise" and (exact or not _finite(moments)):
+            _check_finite(rows, group_comm, context, exact)
+            _check_group_finite(mean, var, context)
+        pair = _moving_pair(running_mean, running_var, mean, unbiased, momentum)
+        if pair is None:
+            new = (_moving(running_mean, mean, momentum), _moving(running_var, unbiased, momentum))
+        else:
+            new = pair[0], pair[1]
+        if nonfinite == "raise" and (pair is None or not _finite(pair)):
+            _check_moving_finite(*new, context)
     # State changes only now, when every check has passed on every rank.
     if running_mean is not None:
-        running_mean[...] = new_mean
+        running_mean[...] = new[0]
     if running_var is not None:
-        running_var[...] = new_var
+        running_var[...] = new[1]
     return mean, F.inv_std_from_var(var, eps), total, var
+
+
+def _finite(a):
+    """True when every value of ``a`` is finite, in one reduction (a sum of
+    finite values that overflows says False: callers then check value by value).
+    A few values are checked in Python: a NumPy reduction costs about 1 us."""
+    if a.size <= 16:
+        return all(map(math.isfinite, a.reshape(-1).tolist()))
+    return math.isfinite(np.add.reduce(a, axis=None, dtype=np.float64))
 
 
 def _moving(running, batch_stat, momentum):
@@ -245,6 +283,20 @@ def _moving(running, batch_stat, momentum):
         return None
     # (called under errstate(over="ignore"): the caller checks overflow or asks for it)
     return F.running_update(running, batch_stat, momentum).astype(np.asarray(running).dtype)
+
+
+def _moving_pair(running_mean, running_var, mean, unbiased, momentum):
+    """Both moving statistics updated as one (2, C) array of their dtype: the
+    arithmetic of ``F.running_update`` value by value, in half the calls. None when
+    they are not two ndarrays of one dtype (then ``_moving`` does each)."""
+    if type(running_mean) is not np.ndarray or type(running_var) is not np.ndarray \
+            or running_mean.dtype != running_var.dtype or running_mean.shape != mean.shape \
+            or running_var.shape != mean.shape:
+        return None
+    new = np.empty((2, mean.shape[0]))
+    F.running_update(running_mean, mean, momentum, out=new[0])
+    F.running_update(running_var, unbiased, momentum, out=new[1])
+    return new.astype(running_mean.dtype)
 
 
 def _check_moving_finite(new_mean, new_var, context):
@@ -364,42 +416,46 @@ def sync_batch_norm_backward(dy, saved, *, exchange=None, training=None):
         local_problem(problem, group, context)      # no peer waits: raise on this rank alone
     exact = saved is not None and saved.exact     # with no usable saved only the error travels
     # This rank's local work: an exception in it travels as its problem (errors.guarded).
-    problem, local = guarded(problem, lambda: _local_backward(dy, saved, exact))
-    dy3, sums = local if local is not None else (None, None)
-    if not training:
-        local_problem(problem, group, context)
     nonfinite = saved.nonfinite if saved is not None else "raise"
-    if problem is None and sums is not None and training:
-        problem = sum_overflow(dy3, sums[0], nonfinite)
-    tag = backward_tag(saved.tag) if saved is not None else NO_FORWARD_TAG
-    if exact:
-        mean_dy, mean_dy_xhat, sums = exact_backward_sums(
-            exchange, problem, dy3, saved, training, context, tag,
-            check=(lambda rows: _check_grad_finite(rows, group, context, exact=True))
-            if nonfinite == "raise" else None)
-    elif training:
-        mean_dy, mean_dy_xhat = _group_means(exchange, problem, sums, saved, context, tag, nonfinite)
-    else:
-        mean_dy = mean_dy_xhat = np.zeros(saved.x.shape[1])
-    if training and nonfinite == "raise":
-        _check_grad_means(mean_dy, mean_dy_xhat, context)
+    # NaN in dy and overflowing sums: no warnings, the agreed checks after the exchange report them.
+    with np.errstate(over="ignore", invalid="ignore"):
+        # In training the default mode's two sums go straight into this rank's row of the exchange.
+        payload = exchange.payload() if training and not exact and problem is None else None
+        problem, local = guarded(problem, lambda: _local_backward(dy, saved, exact, payload))
+        dy3, sums, kept = local if local is not None else (None, None, None)
+        if not training:
+            local_problem(problem, group, context)
+        if problem is None and sums is not None and training and nonfinite == "raise" \
+                and not _finite(payload[0]):
+            problem = sum_overflow(dy3, sums[0], nonfinite)
+        tag = backward_tag(saved.tag) if saved is not None else NO_FORWARD_TAG
+        if exact:
+            mean_dy, mean_dy_xhat, sums = exact_backward_sums(
+                exchange, problem, dy3, saved, training, context, tag,
+                check=(lambda rows: _check_grad_finite(rows, group, context, exact=True))
+                if nonfinite == "raise" else None)
+            if training and nonfinite == "raise":
+                _check_grad_means(mean_dy, mean_dy_xhat, context)
+        elif training:
+            _, rows = exchange.exchange(problem, 0, None if sums is None else FILLED, context, tag)
+            sums = rows[exchange.group.rank]            # this rank's own, as sent
+            # Added in rank order on every rank: bitwise the same dx everywhere.
+            group_sums = rows[0] if rows.shape[0] == 1 else np.add.reduce(rows, axis=0)
+            means = group_sums / float(saved.count)
+            # NaN or Inf in a row, or an overflowing group sum, makes the means
+            # non-finite: one reduction checks them all in the usual case.
+            if nonfinite == "raise" and not _finite(means):
+                _check_grad_finite(rows, group, context)
+                _check_grad_means(means[0], means[1], context)
+            mean_dy, mean_dy_xhat = means
+        else:
+            mean_dy = mean_dy_xhat = np.zeros(saved.x.shape[1])
     # xhat = (x - mean) * inv_std is formed block by block from x, in both modes.
+    # kept: dy and x - mean as this rank's sums left them (a one-block array), not formed again
     dx = F.batch_norm_backward_elemt(dy3, None, saved.gamma, saved.inv_std, mean_dy, mean_dy_xhat,
-                                     out_dtype=saved.x.dtype, x=saved.x, mean=saved.mean)
+                                     out_dtype=saved.x.dtype, x=saved.x, mean=saved.mean, kept=kept)
     saved.used = True
     return dx.reshape(saved.shape), sums[1], sums[0]
-
-
-def _group_means(exchange, problem, sums, saved, context, tag, nonfinite):
-    """The one backward Allreduce of the default mode: the group's mean dy and dy * xhat.
-    (With a problem flagged, ``saved`` may be None: the exchange raises.)"""
-    _, rows = exchange.exchange(problem, 0, sums, context, tag)
-    if nonfinite == "raise":
-        _check_grad_finite(rows, exchange.group, context)
-    # Added in rank order on every rank: bitwise the same dx everywhere.
-    with np.errstate(over="ignore", invalid="ignore"):       # checked by the caller
-        group_sum_dy, group_sum_dy_xhat = rows.sum(axis=0)
-    return group_sum_dy / saved.count, group_sum_dy_xhat / saved.count
 
 
 def _backward_problem(dy, saved, training):
@@ -413,7 +469,12 @@ def _backward_problem(dy, saved, training):
         return Problem(Code.NO_FORWARD, 1 if training else 0)
     if saved.used:
         return Problem(Code.BACKWARD_TWICE)
-    problem = check_grad(dy, saved.shape)
+    if type(dy) is np.ndarray and dy.shape == saved.shape and dy.dtype in _NATIVE_FLOATS:
+        problem = None                              # the usual dy: checked without a call
+    else:
+        problem = check_grad(dy, saved.shape)
+    if saved.fingerprint is None:
+        return problem
     problem, changed = guarded(problem, lambda: _x_changed(saved))
     return Problem(Code.X_CHANGED) if changed else problem
 
@@ -439,18 +500,22 @@ def _backward_peers(saved, exchange, training):
     return saved.exchange or exchange, saved.count is not None
 
 
-def _local_backward(dy, saved, exact):
-    """This rank's work before the collective: (dy3, sums).
+def _local_backward(dy, saved, exact, out=None):
+    """This rank's work before the collective: (dy3, sums, kept).
 
-    The default mode returns this rank's two sums, xhat = (x - mean) *
-    inv_std formed block by block from what forward kept (it never exists in
-    full); exact mode's sums come with its exchange (``exact_backward_sums``).
+    The default mode returns this rank's two sums (written into ``out``, a
+    (2, C) float64 array, when given), xhat = (x - mean) * inv_std formed
+    block by block from what forward kept (it never exists in full), and
+    ``kept`` for batch_norm_backward_elemt (F.batch_norm_backward_reduce's
+    keep=True); exact mode's sums come with its exchange
+    (``exact_backward_sums``).
     """
     dy3 = F.as_ncl(_native(dy))
     if exact:
-        return dy3, None
-    with np.errstate(over="ignore", invalid="ignore"):     # NaN and overflow: checked after the exchange
-        return dy3, F.batch_norm_backward_reduce(dy3, x=saved.x, mean=saved.mean, inv_std=saved.inv_std)
+        return dy3, None, None
+    sum_dy, sum_dy_xhat, kept = F.batch_norm_backward_reduce(
+        dy3, x=saved.x, mean=saved.mean, inv_std=saved.inv_std, out=out, keep=True)
+    return dy3, (sum_dy, sum_dy_xhat), kept
 
 
 # -- exact=True: exact sums -> the one Allreduce -> rounded once ---------------------------

@@ -23,9 +23,11 @@ concatenated values (fractions.Fraction, no rounding):
 ``--shard`` measures instead the accuracy of one rank's local moments
 (``batch_norm_stats``) on one channel of n = 100,352 values, shaped
 (32, 1, 3136) so that the shard is larger than SMALL_SHARD and its head is
-the first 2 samples; once in random order and once sorted (the head then
-holds the smallest values, the worst case for the shift). It prints the
-block plan the sums follow and the error bound that plan gives.
+the first 2 samples (one block: blocks.WHOLE), then of n = 401,408 values,
+shaped (128, 1, 3136) (blocks of 10 samples, head 8 samples); once in
+random order and once sorted (the head then holds the smallest values, the
+worst case for the shift). It prints the block plan the sums follow and the
+error bound that plan gives.
 ``--merge`` merges 4 such shards and compares the variance with exact
 arithmetic; ``--split`` splits the first case's float64 data four ways.
 
@@ -92,41 +94,45 @@ def exact_m2(x):
 
 def summation_factor(shape):
     """Worst-case growth f(n) of the rounding error of one channel's sums under
-    the block plan ``batch_norm_stats`` uses for an array of this shape
-    (``mpibn.blocks.plan``): each block's sum is one dot product over m values
-    of the channel (worst case m - 1 roundings, Higham ch. 4), and the
-    channel's n / m block results are then added one after the other."""
+    the block plan ``batch_norm_stats`` uses for a 4-D array of this shape
+    (``mpibn.blocks.plan``): each block holds m values of the channel,
+    contiguous, which NumPy sums pairwise (runs of up to 128 values over 8
+    accumulators of 16 terms, a tree of depth 3, longer runs halved: about
+    19 + log2(m / 128) roundings, Higham ch. 4), and the channel's n / m
+    block results are then added one after the other."""
     from mpibn.blocks import plan        # the kernels' own plan: the bound follows the code
     n = shape[0] * shape[2]
     layout = plan(shape)
     m = n if layout == "whole" else layout[0] * layout[2]
-    return layout, m, (m - 1) + (-(-n // m) - 1)
+    pairwise = 19 + max(0, math.ceil(math.log2(m / 128)))
+    return layout, m, pairwise + (-(-n // m) - 1)
 
 
 def shard_accuracy():
     rng = np.random.default_rng(0)
-    shape = (32, 1, 3136)
-    n = shape[0] * shape[2]
-    head = -(-shape[0] // 16)
-    layout, m, f = summation_factor(shape)
     u = 2.0 ** -53
-    print(f"one shard, one channel, n = {n} values, shape {shape}: relative error of m2")
-    print(f"  block plan {layout!r}: sums of {m} values per channel, worst-case factor f(n) = {f}")
-    print(f"  worst-case bound u f(n) = {u * f:.1e}; sqrt(n) rule of thumb u sqrt(n) = {u * math.sqrt(n):.1e}")
-    print(f"  shift K = the mean of the first {head} of {shape[0]} samples; "
-          f"kappa = n (mean - K)^2 / m2 <= {shape[0] // head}")
-    for mu, sigma, dtype in [(0.0, 1.0, np.float64), (1e4, 1.0, np.float64),
-                             (1e4, 0.1, np.float32), (5.0, 1.0, np.float32)]:
-        x = rng.normal(mu, sigma, n).astype(dtype)
-        errors, kappas = [], []
-        for values in (x, np.sort(x)):
-            _, _, m2 = batch_norm_stats(values.reshape(shape))
-            true = exact_m2(values)
-            errors.append(abs(float(m2[0]) - true) / true)
-            v64 = values.astype(np.float64)
-            kappas.append(n * (v64.mean() - v64[:head * shape[2]].mean()) ** 2 / true)
-        print(f"  {np.dtype(dtype).name} data, mean {mu:g}, std {sigma:g}: random order "
-              f"{errors[0]:.1e}, sorted {errors[1]:.1e}   (kappa {kappas[0]:.2f}, sorted {kappas[1]:.2f})")
+    for shape in ((32, 1, 3136), (128, 1, 3136)):
+        n = shape[0] * shape[2]
+        head = -(-shape[0] // 16)
+        layout, m, f = summation_factor(shape)
+        print(f"one shard, one channel, n = {n} values, shape {shape}: relative error of m2")
+        print(f"  block plan {layout!r}: pairwise sums of {m} values per channel, worst-case factor f(n) = {f}")
+        print(f"  worst-case bound u f(n) = {u * f:.1e}; random-sign rule of thumb u sqrt(f(n)) = "
+              f"{u * math.sqrt(f):.1e}")
+        print(f"  shift K = the mean of the first {head} of {shape[0]} samples; "
+              f"kappa = n (mean - K)^2 / m2 <= {shape[0] // head}")
+        for mu, sigma, dtype in [(0.0, 1.0, np.float64), (1e4, 1.0, np.float64),
+                                 (1e4, 0.1, np.float32), (5.0, 1.0, np.float32)]:
+            x = rng.normal(mu, sigma, n).astype(dtype)
+            errors, kappas = [], []
+            for values in (x, np.sort(x)):
+                _, _, m2 = batch_norm_stats(values.reshape(shape))
+                true = exact_m2(values)
+                errors.append(abs(float(m2[0]) - true) / true)
+                v64 = values.astype(np.float64)
+                kappas.append(n * (v64.mean() - v64[:head * shape[2]].mean()) ** 2 / true)
+            print(f"  {np.dtype(dtype).name} data, mean {mu:g}, std {sigma:g}: random order "
+                  f"{errors[0]:.1e}, sorted {errors[1]:.1e}   (kappa {kappas[0]:.2f}, sorted {kappas[1]:.2f})")
 
 
 def merge_accuracy():
@@ -134,6 +140,7 @@ def merge_accuracy():
     rng = np.random.default_rng(1)
     ranks, shape = 4, (32, 1, 3136)
     n = shape[0] * shape[2]
+    f = summation_factor(shape)[2]
     u = 2.0 ** -53
     x = rng.normal(5.0, 1.0, ranks * n).astype(np.float32)
     shards = np.split(x, ranks)
@@ -148,8 +155,8 @@ def merge_accuracy():
         between = u * abs(mu) / sigma * spread / sigma
         heads = [s[:-(-shape[0] // 16) * shape[2]].astype(np.float64).mean() for s in data]
         kappa = max(n * (float(r[1][0]) - k) ** 2 / float(r[2][0]) for r, k in zip(rows, heads))
-        print(f"  {label}: measured {abs(float(m2[0]) / total - true) / true:.1e}; local term "
-              f"u sqrt(n_r) (1 + kappa) = {u * math.sqrt(n) * (1 + kappa):.1e}; between-rank term "
+        print(f"  {label}: measured {abs(float(m2[0]) / total - true) / true:.1e}; local bound "
+              f"u f(n_r) (1 + kappa) = {u * f * (1 + kappa):.1e}; between-rank term "
               f"u (|mu|/sigma)(spread/sigma) = {between:.1e}")
 
 

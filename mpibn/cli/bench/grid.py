@@ -49,8 +49,11 @@ SHAPES = ([(n, c) for n in (2, 16, 256) for c in (8, 256, 1024)]
 DTYPES = ("float16", "float32", "float64")
 SMOKE_SHAPES = [(2, 3), (2, 2, 3, 3)]
 TINY = ((2, 4, 3, 3), "float32")
-# Bars of issue 13, on float32 and float64 cells.
-GEOMEAN_BAR, CELL_BAR, TINY_BAR_S = 1.5, 2.5, 100e-6
+# Bars of issue 20, ratios mpibn / torch in the same run: the geometric mean over
+# the float32 and float64 cells, over the float64 cells alone, the worst
+# float32/float64 cell, and the tiny layer's own ratio (a ratio, not
+# microseconds: the machine's load moves absolute times 2x).
+GEOMEAN_BAR, FLOAT64_BAR, CELL_BAR, TINY_BAR = 1.7, 1.4, 3.5, 1.0
 # MPICH settings for ranks that wait in a collective (MPICH 4-5 names; others ignore them).
 MPI_SETTINGS = {
     "default": {},
@@ -119,20 +122,28 @@ def cell(shape, dtype, torch, functional, rounds, clock, sample=SAMPLE_S):
     return out
 
 
+def _geomean(cells):
+    return math.exp(sum(math.log(c["ratio"]) for c in cells) / len(cells))
+
+
 def verdicts(cells):
     """The issue's bars on this run's cells: [(what, value, limit, unit)]."""
     both = [c for c in cells if c["dtype"] in ("float32", "float64") and c["ratio"] is not None]
+    doubles = [c for c in both if c["dtype"] == "float64"]
     out = []
     if both:
-        geo = math.exp(sum(math.log(c["ratio"]) for c in both) / len(both))
         worst = max(both, key=lambda c: c["ratio"])
-        out.append((f"geometric mean mpibn/torch, {len(both)} float32+float64 cells", geo, GEOMEAN_BAR, "x"))
+        out.append((f"geometric mean mpibn/torch, {len(both)} float32+float64 cells", _geomean(both),
+                    GEOMEAN_BAR, "x"))
+        if doubles:
+            out.append((f"geometric mean mpibn/torch, {len(doubles)} float64 cells", _geomean(doubles),
+                        FLOAT64_BAR, "x"))
         out.append((f"worst cell {tuple(worst['shape'])} {worst['dtype']}", worst["ratio"], CELL_BAR, "x"))
         over = [c for c in both if c["ratio"] > CELL_BAR]
-        out.append(("float32/64 cells above 2.5x", len(over), 0, "cells"))
+        out.append((f"float32/64 cells above {CELL_BAR}x", len(over), 0, "cells"))
     tiny = next((c for c in cells if (tuple(c["shape"]), c["dtype"]) == TINY), None)
-    if tiny:
-        out.append(("(2, 4, 3, 3) float32 fwd+bwd, us", tiny["mpibn_s"] * 1e6, TINY_BAR_S * 1e6, "us"))
+    if tiny and tiny["ratio"] is not None:
+        out.append(("(2, 4, 3, 3) float32 fwd+bwd, mpibn/torch", tiny["ratio"], TINY_BAR, "x"))
     return out
 
 
