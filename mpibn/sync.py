@@ -318,18 +318,29 @@ def _check_finite(rows, group_comm, context, exact=False):
     channel: NaN or Inf in x (its mean is not finite), or a finite x whose variance
     overflows float64 (its mean is finite, its m2 is not). Exact mode's rows carry
     only the IEEE sums of non-finite values: there any is NaN or Inf."""
+    _raise_nonfinite(rows, group_comm, context, exact, "NaN or Inf in the training batch",
+                     "the variance overflows float64 at {} (x is finite, but the squares of its "
+                     "deviations from the mean exceed 1.8e308)",
+                     "moving statistics left unchanged (pass nonfinite='propagate' to let IEEE values "
+                     "through)")
+
+
+def _raise_nonfinite(rows, group_comm, context, exact, nonfinite_text, overflow_text, outcome):
+    """The agreed FloatingPointError of a pass whose rows (P, 2, C) are not all finite.
+
+    Column 0 not finite: NaN or Inf in the input itself; only column 1: its
+    second sum overflows. Exact mode's rows carry only the IEEE sums of
+    non-finite values, so any non-finite entry means NaN or Inf."""
     if np.isfinite(rows).all():                   # every call's path: one test
         return
-    nonfinite_x = ~np.isfinite(rows).all(axis=1) if exact else ~np.isfinite(rows[:, 0])    # (P, C)
-    overflow = ~nonfinite_x & ~np.isfinite(rows).all(axis=1)
+    nonfinite = ~np.isfinite(rows).all(axis=1) if exact else ~np.isfinite(rows[:, 0])    # (P, C)
+    overflow = ~nonfinite & ~np.isfinite(rows).all(axis=1)
     said = []
-    if nonfinite_x.any():
-        said.append(f"NaN or Inf in the training batch at {_where(nonfinite_x, group_comm)}")
+    if nonfinite.any():
+        said.append(f"{nonfinite_text} at {_where(nonfinite, group_comm)}")
     if overflow.any():
-        said.append(f"the variance overflows float64 at {_where(overflow, group_comm)} (x is finite, but "
-                    f"the squares of its deviations from the mean exceed 1.8e308)")
-    raise FloatingPointError(f"{context}: {'; '.join(said)}; moving statistics left unchanged (pass "
-                             f"nonfinite='propagate' to let IEEE values through)")
+        said.append(overflow_text.format(_where(overflow, group_comm)))
+    raise FloatingPointError(f"{context}: {'; '.join(said)}; {outcome}")
 
 
 def _where(bad, group_comm):
@@ -356,18 +367,10 @@ def _check_grad_finite(rows, group_comm, context, exact=False):
     naming each rank and channel (sum dy not finite: NaN or Inf in dy; only
     sum dy*xhat: it overflows). Exact mode's rows carry only the IEEE sums of
     non-finite values."""
-    if np.isfinite(rows).all():
-        return
-    nonfinite_dy = ~np.isfinite(rows).all(axis=1) if exact else ~np.isfinite(rows[:, 0])
-    overflow = ~nonfinite_dy & ~np.isfinite(rows).all(axis=1)
-    said = []
-    if nonfinite_dy.any():
-        said.append(f"NaN or Inf in dy at {_where(nonfinite_dy, group_comm)}")
-    if overflow.any():
-        said.append(f"sum(dy * xhat) overflows float64 at {_where(overflow, group_comm)} (dy is finite "
-                    f"but too large)")
-    raise FloatingPointError(f"{context}: {'; '.join(said)}; no gradient was computed (pass "
-                             f"nonfinite='propagate' to the layer to let IEEE values through)")
+    _raise_nonfinite(rows, group_comm, context, exact, "NaN or Inf in dy",
+                     "sum(dy * xhat) overflows float64 at {} (dy is finite but too large)",
+                     "no gradient was computed (pass nonfinite='propagate' to the layer to let IEEE "
+                     "values through)")
 
 
 def _check_grad_means(mean_dy, mean_dy_xhat, context):
