@@ -17,31 +17,14 @@ import warnings
 
 import numpy as np
 import pytest
-from mpi4py import MPI
 
 from mpibn import (CollectiveTimeout, GroupFailed, SyncBatchNorm, group_comm_for, make_exchange,
                    sync_batch_norm)
-from test_faults_mpi import check_agreed, data, grad, snapshot
+from test_faults_mpi import attempt, check_agreed, data, grad, snapshot, world
+from test_faults_mpi import gather_errors as gather
 
 C = 3
 pytestmark = [pytest.mark.timeout(60), pytest.mark.mpi(min_size=2)]
-
-
-def world():
-    comm = MPI.COMM_WORLD
-    return comm, comm.Get_rank(), comm.Get_size()
-
-
-def attempt(fn):
-    try:
-        fn()
-        return None
-    except Exception as exc:     # noqa: BLE001 - inspected on every rank below
-        return exc
-
-
-def gather(comm, err):
-    return comm.allgather(None if err is None else (type(err).__name__, str(err)))
 
 
 def step(bn, rank, n=3, seed=0):
