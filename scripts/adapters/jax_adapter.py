@@ -28,14 +28,14 @@ statistics without any error; the adapter prints a warning.
 Needs jax, jaxlib and flax (the ``jax`` extra: ``pip install 'mpibn[jax]'``).
 """
 import argparse
-import json
 import os
 import sys
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import load, uses_batch_statistics, write  # noqa: E402
+from common import uses_batch_statistics, write  # noqa: E402
+from jax_common import start  # noqa: E402
 
 
 def run_scenario(jax, jnp, nn, compute_stats, s, ranks, fast_variance):
@@ -105,25 +105,14 @@ def main(argv=None):
     parser.add_argument("--exact-variance", action="store_true",
                         help="use_fast_variance=False (two pmeans: mean, then E[(x - mean)^2])")
     args = parser.parse_args(argv)
-    with open(os.path.join(args.golden, "manifest.json")) as f:
-        manifest = json.load(f)
+    jax, jnp, manifest, data = start(args.golden, "jax")
     ranks = manifest["ranks"]
-    os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={ranks}")
-    if any(s["dtype"] == "float64" for s in manifest["scenarios"].values()):
-        os.environ.setdefault("JAX_ENABLE_X64", "1")      # float64 scenarios: float64 arrays
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     try:
-        import jax
-        import jax.numpy as jnp
         import flax
         import flax.linen as nn
         from flax.linen.normalization import _compute_stats
     except ImportError as exc:
         sys.exit(f"jax_adapter: {exc} (pip install 'mpibn[jax]')")
-    if jax.local_device_count() < ranks:
-        sys.exit(f"jax_adapter: {jax.local_device_count()} devices for {ranks} ranks; "
-                 f"set XLA_FLAGS=--xla_force_host_platform_device_count={ranks} before starting")
-    manifest, data = load(args.golden)
     notes = []
     for name, s in manifest["scenarios"].items():
         results, note = run_scenario(jax, jnp, nn, _compute_stats, s, data[name], not args.exact_variance)

@@ -29,8 +29,7 @@ def start(golden, extra):
     """Set the environment, import jax (``extra`` names the pip extra) and check devices.
 
     Returns (jax, jnp, manifest, data)."""
-    with open(os.path.join(golden, "manifest.json")) as f:
-        manifest = json.load(f)
+    manifest, data = load(golden)          # NumPy only: jax is not imported yet
     ranks = manifest["ranks"]
     os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={ranks}")
     if any(s["dtype"] == "float64" for s in manifest["scenarios"].values()):
@@ -44,7 +43,6 @@ def start(golden, extra):
     if jax.local_device_count() < ranks:
         sys.exit(f"{extra}_adapter: {jax.local_device_count()} devices for {ranks} ranks; "
                  f"set XLA_FLAGS=--xla_force_host_platform_device_count={ranks} before starting")
-    _, data = load(golden)
     return jax, jnp, manifest, data
 
 
