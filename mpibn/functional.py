@@ -200,9 +200,9 @@ def merge_stats(counts, means, m2s, out=None):
     if counts.shape[0] == 1:
         # One rank: the lines below add an exact 0 to its own mean and m2
         # (NaN where its mean is not finite); so does this, in 3 calls not 15.
-        zero = means[0] - means[0]
-        np.add(means[0], zero, out=out[0])
+        zero = np.subtract(means[0], means[0], out=out[0])
         np.add(m2s[0], zero, out=out[1])
+        np.add(means[0], zero, out=out[0])
         return int(total), out[0], out[1]
     weights = counts[:, None]
     # Empty ranks carry zero rows; masking every column keeps a stray
@@ -390,7 +390,8 @@ def running_update(moving, batch_stat, momentum, out=None):
     (PyTorch's momentum=0.1 is the same update as MindSpore's 0.9.) In
     float64; ``out``: an optional float64 array for the result (may be ``moving``).
     """
-    new = np.multiply(moving, momentum, out=out, dtype=np.float64)
+    # (_f64: float32 moving statistics are converted exactly, then multiplied in float64)
+    new = np.multiply(_f64(moving), momentum, out=out)
     return np.add(new, np.multiply(batch_stat, 1.0 - momentum), out=new)
 
 

@@ -239,8 +239,8 @@ def batch_statistics(x, problem, exchange, eps, context, tag, running_mean=None,
                 problem = sum_overflow(F.as_ncl(x), payload[0], nonfinite)
             counts, rows = exchange.exchange(problem, count, None if payload is None else FILLED,
                                              context, tag)
-            moments = np.empty((2, rows.shape[2]))              # (mean, M2)
-            total, _, _ = F.merge_stats(counts, rows[:, 0], rows[:, 1], out=moments)
+            moments = np.empty((3, rows.shape[2]))              # (mean, M2, unbiased variance)
+            total, _, _ = F.merge_stats(counts, rows[:, 0], rows[:, 1], out=moments[:2])
         # The checks below read only what every rank of the group holds alike (the
         # rows, the moving statistics): they raise on every rank or on none, with
         # no communication (the second way errors are agreed: mpibn/errors.py).
@@ -250,13 +250,17 @@ def batch_statistics(x, problem, exchange, eps, context, tag, running_mean=None,
                              f"(per-rank counts {counts.astype(int).tolist()})")
         if not exact:
             # (mean, var, unbiased): M2 / N and M2 / (N - 1)
-            mean, var, unbiased = moments[0], moments[1] / float(total), moments[1] / float(total - 1)
+            mean, var = moments[0], moments[1] / float(total)
+            unbiased = np.divide(moments[1], float(total - 1), out=moments[2])
+            stats = moments[::2]                                # (mean, unbiased), a view
+        else:
+            stats = np.array((mean, unbiased))
         # Any NaN or Inf in a row with values, or an overflowing merge, makes the
         # merged moments non-finite: one reduction checks them all in the usual case.
-        if nonfinite == "raise" and (exact or not _finite(moments)):
+        if nonfinite == "raise" and (exact or not _finite(moments[:2])):
             _check_finite(rows, group_comm, context, exact)
             _check_group_finite(mean, var, context)
-        pair = _moving_pair(running_mean, running_var, mean, unbiased, momentum)
+        pair = _moving_pair(running_mean, running_var, stats, momentum)
         if pair is None:
             new = (_moving(running_mean, mean, momentum), _moving(running_var, unbiased, momentum))
         else:
@@ -288,17 +292,19 @@ def _moving(running, batch_stat, momentum):
     return F.running_update(running, batch_stat, momentum).astype(np.asarray(running).dtype)
 
 
-def _moving_pair(running_mean, running_var, mean, unbiased, momentum):
+def _moving_pair(running_mean, running_var, stats, momentum):
     """Both moving statistics updated as one (2, C) array of their dtype: the
-    arithmetic of ``F.running_update`` value by value, in half the calls. None when
-    they are not two ndarrays of one dtype (then ``_moving`` does each)."""
+    arithmetic of ``F.running_update`` value by value, in fewer calls. ``stats``:
+    (2, C) float64, the batch's (mean, unbiased variance). None when the moving
+    statistics are not two ndarrays (C,) of one dtype (then ``_moving`` does each)."""
+    channels = stats.shape[1]
     if type(running_mean) is not np.ndarray or type(running_var) is not np.ndarray \
-            or running_mean.dtype != running_var.dtype or running_mean.shape != mean.shape \
-            or running_var.shape != mean.shape:
+            or running_mean.dtype != running_var.dtype or running_mean.shape != (channels,) \
+            or running_var.shape != (channels,):
         return None
-    new = np.empty((2, mean.shape[0]))
-    F.running_update(running_mean, mean, momentum, out=new[0])
-    F.running_update(running_var, unbiased, momentum, out=new[1])
+    new = np.empty((2, channels))
+    new[0], new[1] = running_mean, running_var      # exact in float64
+    F.running_update(new, stats, momentum, out=new)
     return new.astype(running_mean.dtype)
 
 
