@@ -110,20 +110,29 @@ def _chunks(a, b=None):
         b = None if b is None else b.reshape(-1)
         full = a.size - a.size % CHUNK
         rows = a[:full].reshape(-1, CHUNK)
-        head = _ones(CHUNK) @ rows.T if b is None else np.vecdot(rows, b[:full].reshape(-1, CHUNK))
+        head = _ones(CHUNK) @ rows.T if b is None else _vecdot(rows, b[:full].reshape(-1, CHUNK))
         tail = np.add.reduce(a[full:]) if b is None else a[full:] @ b[full:]
         return np.append(head, tail)[:, None]
     if lb > CHUNK:                                # rows cut into k pieces of <= CHUNK values
         k = _row_split(lb)
         a = a.reshape(nb, cb, k, lb // k)
         b = None if b is None else b.reshape(a.shape)
-        part = np.vecdot(a, _ones(lb // k) if b is None else b)
+        part = _vecdot(a, _ones(lb // k) if b is None else b)
         return part.transpose(0, 2, 1).reshape(-1, cb)
     if lb >= 64:                                  # rows of L <= CHUNK values: one BLAS dot each
-        return np.vecdot(a, _ones(lb) if b is None else b).reshape(nb, cb)
+        return _vecdot(a, _ones(lb) if b is None else b).reshape(nb, cb)
     step = max(1, CHUNK // lb)
     return np.stack([np.einsum("ncl->c", a[n:n + step]) if b is None else
                      np.einsum("ncl,ncl->c", a[n:n + step], b[n:n + step]) for n in range(0, nb, step)])
+
+
+def _vecdot(a, b):
+    """Sums of a * b over the last axis, broadcast: ``np.vecdot``, which NumPy
+    has from 2.0 on, or einsum's same sums before (setup.cfg allows NumPy
+    1.22, and the MindSpore extra needs NumPy < 2). Exact either way: the
+    products and partial sums are integers below 2^53."""
+    vecdot = getattr(np, "vecdot", None)
+    return vecdot(a, b) if vecdot is not None else np.einsum("...i,...i->...", a, b)
 
 
 _ONES = np.ones(0)

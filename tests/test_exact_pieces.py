@@ -125,6 +125,22 @@ def test_piece_sums_are_exact(shape, dtype):
         assert E.as_fraction(t2[c], E.PROD_BASE) == frac_sum(dcol, col)
 
 
+@pytest.mark.parametrize("shape", [(300, 5), (40, 5, 9), (3, 2, 700), (1, 1, 140000), (300, 2, 500)])
+def test_piece_sums_without_numpy_vecdot(shape, monkeypatch):
+    # np.vecdot is NumPy >= 2.0; setup.cfg allows 1.22 and the MindSpore
+    # extra needs NumPy < 2, where exact mode raised AttributeError. Without
+    # it the same exact sums come from einsum: the same limbs, bit for bit.
+    assert hasattr(np, "vecdot")                       # this NumPy has it: the test removes it
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal(shape) * 100.0).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    with_vecdot = [E.exact_sums(x), E.exact_sums(dy, x)]
+    monkeypatch.delattr(np, "vecdot")
+    without = [E.exact_sums(x), E.exact_sums(dy, x)]
+    for got, want in zip(without, with_vecdot):
+        assert all(np.array_equal(g, w) for g, w in zip(got, want))
+
+
 def test_balanced_limbs_are_sparse_and_bounded():
     # The form that travels: |limb| <= 2^31 + 1 whatever the sign, and a
     # negative sum as sparse as a positive one (normalised limbs would fill
