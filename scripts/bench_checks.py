@@ -44,15 +44,16 @@ CHECKS = [
 
 PIECES = [
     ("forward: local moments (batch_norm_stats)", "F.batch_norm_stats(x3, out)"),
-    ("forward: y (batch_norm_elemt)", "F.batch_norm_elemt(x3, mean, inv_std, g, beta)"),
+    ("forward: y (batch_norm_elemt, x kept from the moments)",
+     "F.batch_norm_stats(x3, out, keep=True); F.batch_norm_elemt(x3, mean, inv_std, g, beta, kept=kx)"),
     ("backward: the two sums (batch_norm_backward_reduce)",
      "F.batch_norm_backward_reduce(dy3, x=x3, mean=mean, inv_std=inv_std, out=out, keep=True)"),
     ("backward: dx (batch_norm_backward_elemt, kept)",
      "F.batch_norm_backward_reduce(dy3, x=x3, mean=mean, inv_std=inv_std, out=out, keep=True); "
-     "F.batch_norm_backward_elemt(dy3, None, g, inv_std, mean, m2, x=x3, mean=mean, kept=x3.shape)"),
+     "F.batch_norm_backward_elemt(dy3, None, g, inv_std, mean, m2, x=x3, mean=mean, kept=kept)"),
     ("one exchange (a group of one: no MPI call)", "ex.exchange(None, 18, (mean, m2), 'c', (2, 1))"),
     ("merge_stats (one rank)", "F.merge_stats(counts, rows[:, 0], rows[:, 1], out=out)"),
-    ("moving statistics, both", "sync._moving_pair(rm, rv, mean, m2, 0.9)"),
+    ("moving statistics, both", "sync._moving_pair(rm, rv, rows[0], 0.9)"),
     ("inv_std", "F.inv_std_from_var(m2, 1e-5)"),
 ]
 
@@ -68,7 +69,9 @@ def profile(shape, dtype):
                  inv_std=F.inv_std_from_var(m2 / n, 1e-5), g=bn.gamma.data, beta=bn.beta.data,
                  out=np.empty((2, shape[1])), ex=bn._exchange, counts=np.array([float(n)]),
                  rows=np.stack([mean, m2])[None], rm=bn.moving_mean.data.copy(),
-                 rv=bn.moving_variance.data.copy())
+                 rv=bn.moving_variance.data.copy(),
+                 kx=F.batch_norm_stats(x3, keep=True)[3],            # what the layer's forward passes on
+                 kept=F.batch_norm_backward_reduce(dy3, x=x3, mean=mean, inv_std=m2, keep=True)[2])
 
     def best(stmt):
         timer = timeit.Timer(stmt, timer=time.process_time, globals=names)
@@ -82,6 +85,8 @@ def profile(shape, dtype):
         cost = best(stmt)
         if name.startswith("backward: dx"):
             cost -= best(PIECES[2][1])
+        elif name.startswith("forward: y"):
+            cost -= best(PIECES[0][1])
         print(f"  {name:56s} {cost:9.1f} us  {100 * cost / step:5.1f} %")
     bn.close()
 

@@ -110,3 +110,24 @@ def test_scripts_bench_writes_into_docs_and_mpibn_bench_does_not():
     assert script.with_docs_out(["--np"]) == ["--np", "--out", docs]
     assert script.with_docs_out(["--grid", "--out", "x"]) == ["--grid", "--out", "x"]
     assert script.with_docs_out(["--smoke"]) == ["--smoke"]
+
+
+def test_bench_floor_is_the_layers_arithmetic():
+    # scripts/bench_floor.py times the tiny step's NumPy calls alone as the
+    # floor of what the layer could reach; it first checks that those calls
+    # give the layer's y and dx bit for bit (else it would time something else).
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    try:
+        import bench_floor
+    finally:
+        sys.path.pop(0)
+    from mpibn.cli.bench import data, layer
+    x, dy = data(bench_floor.SHAPE, bench_floor.DTYPE)
+    bn = layer(bench_floor.SHAPE[1], bench_floor.DTYPE)
+    g, b = bn.gamma.data.astype("float64"), bn.beta.data.astype("float64")
+    rm, rv = bn.moving_mean.data.copy(), bn.moving_variance.data.copy()
+    y, dx, dgamma, dbeta = bench_floor.numpy_floor(x, dy, g, b, rm, rv)()
+    assert y.tobytes() == bn(x).tobytes() and dx.tobytes() == bn.backward(dy).tobytes()
+    assert dgamma.tobytes() == bn.gamma.grad.tobytes() and dbeta.tobytes() == bn.beta.grad.tobytes()
+    assert rm.tobytes() == bn.moving_mean.data.tobytes() and rv.tobytes() == bn.moving_variance.data.tobytes()
+    bn.close()
