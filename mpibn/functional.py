@@ -241,17 +241,22 @@ def batch_norm_elemt(x, mean, inv_std, gamma, beta, out_dtype=None, out=None, ke
     cancel. Computed as ``(x - mean) * (gamma * inv_std) + beta`` in float64,
     one cache-sized block at a time, and rounded once into y. Returns y in
     ``out_dtype`` (default: x's dtype), written into ``out`` when given.
+    ``kept``: the fourth value of ``batch_norm_stats(..., keep=True)`` for
+    the same x, the call just before on this thread: x is then read as that
+    call left it in float64 (the same values; one conversion less).
 
     x: (B, C, L); mean, inv_std, gamma, beta: (C,).
     """
     scale = np.multiply(gamma, inv_std, dtype=np.float64)
     y = np.empty(x.shape, out_dtype or x.dtype) if out is None else out
+    if kept is not None:
+        return blocks.each_kept(kept, 3, _normalise, (_f64(mean), scale, _f64(beta)), y)
     return blocks.each((x,), 1, _normalise, (_f64(mean), scale, _f64(beta)), y)
 
 
 def _normalise(blocks_, scratch, columns):
     """One block of batch_norm_elemt: from x (float64), leaves y in scratch[0]."""
-    (x,), (m, scale, be), d = blocks_, columns, scratch[0]
+    x, (m, scale, be), d = blocks_[0], columns, scratch[0]
     np.subtract(x, m, out=d)                        # x - mean
     d *= scale                                      # gamma * inv_std
     d += be
