@@ -72,6 +72,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from . import rounding
+
 __all__ = ["BLOCK", "WHOLE", "ACC", "Plan", "plan", "plan_for", "whole", "reduce", "each", "each_kept",
            "shifted_sums", "sums"]
 
@@ -219,6 +221,15 @@ def target(dst, index, scratch, major):
     return scratch
 
 
+def _put(dst, src):
+    """``dst[...] = src``: float64 scratch rounded once into dst's dtype
+    (bfloat16 through ``mpibn.rounding``: ml_dtypes' own cast may round twice)."""
+    if dst.dtype.kind == "V":
+        rounding.store(dst, src)
+    else:
+        dst[...] = src
+
+
 def store(dst, index, src, major):
     """Write scratch ``src`` back into block ``index`` of (B, C, L) ``dst``,
     rounded once to dst's dtype (nothing to do when ``target`` gave the block itself)."""
@@ -226,9 +237,9 @@ def store(dst, index, src, major):
     if not major and dst.dtype == np.float64:
         return
     if major:
-        block.transpose(1, 0, 2)[...] = src.reshape(block.shape[1], block.shape[0], block.shape[2])
+        _put(block.transpose(1, 0, 2), src.reshape(block.shape[1], block.shape[0], block.shape[2]))
     else:
-        block[:, :, 0] = src
+        _put(block[:, :, 0], src)
 
 
 def sums(a, major, out):
@@ -458,7 +469,7 @@ def each(sources, k, body, vectors, dst):
         else:
             body(ins, outs, [v[:, None] if major and v is not None else v for v in vectors])
         if not direct:
-            (dst.transpose(1, 0, 2) if major else dst)[...] = targets[0]
+            _put(dst.transpose(1, 0, 2) if major else dst, targets[0])
         return dst
     p = plan_for(x.shape)
     wide, tiled = _blocked_wide(p, vectors, body)
@@ -483,7 +494,7 @@ def each_kept(shape, k, body, vectors, dst):
         wide.body(body, bufs, bufs, wide.vectors(vectors), bufs)
     else:
         body(bufs, bufs, [v[:, None] if major and v is not None else v for v in vectors])
-    (dst.transpose(1, 0, 2) if major else dst)[...] = targets[0]
+    _put(dst.transpose(1, 0, 2) if major else dst, targets[0])
     return dst
 
 

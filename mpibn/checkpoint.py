@@ -36,6 +36,7 @@ import zlib
 import numpy as np
 
 from .parameter import Parameter
+from .rounding import finfo
 
 __all__ = ["FORMAT_VERSION", "MAX_CHANNELS", "state_dict", "load_state_dict", "save_checkpoint", "load_checkpoint",
            "load_param_into_net"]
@@ -97,7 +98,7 @@ def state_differences(layer, state, *, cast=False, missing_ok=False, unexpected_
             if not np.isfinite(cast_value).all():
                 bad = np.flatnonzero(~np.isfinite(cast_value))
                 diffs.append(f"{name}: overflows {p.data.dtype} when cast from {value.dtype} at index(es) "
-                             f"{bad[:8].tolist()} (largest finite {float(np.finfo(p.data.dtype).max):g})")
+                             f"{bad[:8].tolist()} (largest finite {float(finfo(p.data.dtype).max):g})")
     return diffs
 
 

@@ -42,6 +42,8 @@ from enum import IntEnum
 
 import numpy as np
 
+from .rounding import is_bfloat16  # noqa: F401 - errors.is_bfloat16 is public (is_float uses it)
+
 #: Integer detail slots each rank's row carries (dy's and x's shapes need 8).
 N_DETAILS = 8
 
@@ -213,14 +215,6 @@ def said_once(pairs):
 
 
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
-
-
-def is_bfloat16(dtype):
-    """Whether ``dtype`` is ``ml_dtypes.bfloat16`` (the library JAX uses).
-
-    Read from the dtype itself: ml_dtypes is optional and never imported here
-    (an array can only have this dtype once its owner imported ml_dtypes)."""
-    return dtype.kind == "V" and dtype.name == "bfloat16"
 
 
 def is_float(dtype):

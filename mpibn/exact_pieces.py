@@ -37,6 +37,8 @@ import threading
 
 import numpy as np
 
+from .rounding import finfo
+
 __all__ = ["BITS", "CHUNK", "KMAX", "piece_sums"]
 
 BITS = 22                  # b: a piece is an integer of magnitude at most 2^22 in its unit
@@ -86,7 +88,7 @@ def _scan(a):
     Every |a| < 2^E and every nonzero a is a multiple of 2^LO; bad marks a
     non-finite value; an all-zero channel has E = LO = 0 (no piece needed).
     """
-    info = np.finfo(a.dtype)
+    info = finfo(a.dtype)
     mant, bias = info.nmant, info.maxexp - 1
     uint = _UINT[a.itemsize]
     m = a.view(uint) & uint((1 << (8 * a.itemsize - 1)) - 1)

@@ -22,6 +22,8 @@ import zlib
 
 import numpy as np
 
+from .rounding import finfo
+
 __all__ = ["Initializer", "Zero", "One", "Constant", "Normal", "Uniform",
            "TruncatedNormal", "XavierUniform", "XavierNormal", "HeUniform",
            "HeNormal", "initializer"]
@@ -171,7 +173,7 @@ def initializer(init, shape, dtype, name, arg="init"):
     if not np.isfinite(values).all():
         bad = np.flatnonzero(~np.isfinite(values))
         raise ValueError(f"{arg}={_short(init)} overflows {np.dtype(dtype).name} at index(es) "
-                         f"{bad[:8].tolist()} (largest finite {float(np.finfo(dtype).max):g}); use "
+                         f"{bad[:8].tolist()} (largest finite {float(finfo(dtype).max):g}); use "
                          f"smaller values or a wider dtype")
     return values
 

@@ -19,7 +19,7 @@ import numbers
 import numpy as np
 
 from . import checkpoint
-from . import env, watchdog
+from . import env, rounding, watchdog
 from .agree import agree_construction
 from .comm import _mpi, cached_group, forward_tag, group_comm_for, make_exchange, validate_process_groups
 from .fingerprint import digest
@@ -316,6 +316,6 @@ class SyncBatchNorm:
         dx, dgamma, dbeta = sync_batch_norm_backward(
             dy, self._saved, exchange=self._exchange, training=self.uses_batch_statistics)
         if self.affine:
-            self.gamma.grad = dgamma.astype(self.dtype)
-            self.beta.grad = dbeta.astype(self.dtype)
+            self.gamma.grad = rounding.cast(dgamma, self.dtype)
+            self.beta.grad = rounding.cast(dbeta, self.dtype)
         return dx

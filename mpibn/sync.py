@@ -37,6 +37,7 @@ import numpy as np
 
 from . import exact as E
 from . import functional as F
+from . import rounding
 from .comm import FILLED, NO_FORWARD_TAG, GroupComm, RowExchange, backward_tag, make_exchange
 from .errors import Code, Problem, check_alive, check_grad, check_input, guarded, local_problem, said_once
 from .fingerprint import fingerprint
@@ -289,7 +290,7 @@ def _moving(running, batch_stat, momentum):
     if running is None:
         return None
     # (called under errstate(over="ignore"): the caller checks overflow or asks for it)
-    return F.running_update(running, batch_stat, momentum).astype(np.asarray(running).dtype)
+    return rounding.cast(F.running_update(running, batch_stat, momentum), np.asarray(running).dtype)
 
 
 def _moving_pair(running_mean, running_var, stats, momentum):
@@ -305,7 +306,7 @@ def _moving_pair(running_mean, running_var, stats, momentum):
     new = np.empty((2, channels))
     new[0], new[1] = running_mean, running_var      # exact in float64
     F.running_update(new, stats, momentum, out=new)
-    return new.astype(running_mean.dtype)
+    return rounding.cast(new, running_mean.dtype)
 
 
 def _check_moving_finite(new_mean, new_var, context):
@@ -318,7 +319,7 @@ def _check_moving_finite(new_mean, new_var, context):
             bad = np.flatnonzero(~np.isfinite(new))
             raise FloatingPointError(
                 f"{context}: the {name} overflows {new.dtype} at channel(s) {bad[:8].tolist()} "
-                f"(largest finite {float(np.finfo(new.dtype).max):g}); moving statistics left "
+                f"(largest finite {float(rounding.finfo(new.dtype).max):g}); moving statistics left "
                 f"unchanged (use a wider dtype, or nonfinite='propagate' to store the Inf)")
 
 

@@ -31,6 +31,7 @@ import os
 import numpy as np
 
 from .errors import is_bfloat16
+from .rounding import finfo
 from .manifest import (FLOAT_DTYPES, VerifyError, check_arrays, load_manifest, load_npz, read_npz,  # noqa: F401
                        scenario_dtype, unknown_keys)
 
@@ -46,7 +47,7 @@ VERDICT_RULE = ("scenario dtype: 32 eps of the scenario's dtype (never the store
 
 def default_rtol(dtype):
     """32 eps of ``dtype`` (64 u, u its unit roundoff), a float64 number."""
-    return 32.0 * float(np.finfo(dtype).eps)
+    return 32.0 * float(finfo(dtype).eps)
 
 
 def _scenario_dtype(dtype):
@@ -88,7 +89,7 @@ def _stored_problem(result, dtype):
     """Why ``result``'s dtype cannot hold an answer in ``dtype``, or None."""
     if result.dtype.kind != "f" and not is_bfloat16(result.dtype):
         return f"stored as {result.dtype}, not a floating-point type"
-    if np.finfo(result.dtype).nmant < np.finfo(dtype).nmant:
+    if finfo(result.dtype).nmant < finfo(dtype).nmant:
         return (f"stored as {result.dtype}, less precision than the {dtype.name} the backend was asked to "
                 f"compute in (the tolerance is {dtype.name}'s)")
     return None
