@@ -237,6 +237,64 @@ def test_markers_shown_as_code_are_examples_not_checks(tmp_path):
     assert D.markers_in(str(path)) == []
 
 
+def test_update_rewrites_exact_blocks_with_fresh_output_and_nothing_else(tmp_path, capsys):
+    # python tests/docs_markers.py --update FILE: after a new benchmark run,
+    # one command brings every `block exact` quote up to date.
+    cmd = "python -c \"print('grid 1.98'); print(); print('bars 2')\""
+    page = tmp_path / "page.md"
+    page.write_text(textwrap.dedent(f"""\
+        Intro 0.5.
+
+        <!-- output: {cmd} | block exact | measured-by: the bench -->
+        ```
+        grid 2.55
+        bars 1
+        ```
+
+        Between.
+
+          <!-- output: {cmd}
+               block exact -->
+
+            grid 9
+
+        <!-- output: {cmd} | block exact -->
+        ```
+        grid 1.98
+        ...
+        ```
+
+        <!-- output: {cmd} | block abs 1 -->
+        ```
+        grid 2.5
+
+        bars 2
+        ```
+        The end.
+        """))
+    before = page.read_text()
+    assert D.main(["--update", str(page)]) == 0
+    after = page.read_text()
+    fenced, indented, elided, tolerant = D.markers_in(str(page))
+    assert fenced.quote == "grid 1.98\n\nbars 2"
+    assert indented.quote == "grid 1.98\n\nbars 2" and "\n    grid 1.98\n\n    bars 2\n" in after
+    assert elided.quote == "grid 1.98\n..." and tolerant.quote == "grid 2.5\n\nbars 2"   # kept
+    for m in (fenced, indented, elided, tolerant):
+        assert _problems(m, D.output(m)) == [], m.id
+    # Only the two quotes changed: the text around them is as it was.
+    assert after.replace("grid 1.98\n\nbars 2", "Q").replace("grid 1.98\n\n    bars 2", "Q") == \
+        before.replace("grid 2.55\nbars 1", "Q").replace("grid 9", "Q")
+    assert D.main(["--update", str(page)]) == 0 and page.read_text() == after       # idempotent
+    assert "same" in capsys.readouterr().out
+
+
+def test_update_fails_on_a_command_that_fails(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("<!-- output: python -c \"raise SystemExit(3)\" | block exact -->\n```\nold\n```\n")
+    assert D.main(["--update", str(page)]) == 1
+    assert "old" in page.read_text()
+
+
 # -- unmarked numbers in the pages a newcomer reads --------------------------------------
 
 # Numbers that look measured but are not outputs of a program: definitions,

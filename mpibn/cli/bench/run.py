@@ -5,6 +5,7 @@
     mpibn bench --quick          # fewer repeats, for a first look
     mpibn bench --smoke          # tiny shapes, no MPI, no torch: checks that it runs
     mpibn bench --grid           # mpibn / torch over shapes x dtypes (mpibn/cli/bench/grid.py)
+    mpibn bench --grid --report docs/performance-grid.json   # a saved grid's table and verdicts
 
 For each shape it times, in the same process and interleaved (one repeat
 of each candidate in turn, so that load from other programs hits all of
@@ -77,6 +78,10 @@ def parse(argv, prog="mpibn bench"):
     p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                    help="--grid cells: CPU time of the process (default; other programs' load does not "
                         "count) or wall time")
+    p.add_argument("--report", default=None, metavar="JSON",
+                   help="with --grid: print the table and the bars' verdicts of a saved performance-grid.json "
+                        "(times nothing)")
+    p.add_argument("--verdicts-only", action="store_true", help="with --report: the bars' verdicts alone")
     p.add_argument("--out", default=None,
                    help="folder for performance.json / performance.png (default: the current directory; "
                         "--smoke: a new temporary directory; --out docs refreshes the committed numbers)")
@@ -218,7 +223,7 @@ def table(results, scaling):
 
 
 def bars(results, scaling):
-    """The issue's bars, checked on this run's numbers: [(what, value, limit)]."""
+    """The bars (performance targets), checked on this run's numbers: [(what, value, limit)]."""
     out = []
     main = next((r for r in results if r["shape"] == [32, 64, 56, 56] and r["dtype"] == "float32"), None)
     if main:
@@ -292,7 +297,13 @@ def main(argv=None, prog="mpibn bench"):
 def _main(argv=None, prog="mpibn bench"):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv, prog)
-    from .grid import OPENBLAS_VARS, run_grid
+    from .grid import OPENBLAS_VARS, run_grid, saved_report
+    if args.report:
+        if not args.grid:
+            print(f"{prog}: --report reads a saved grid: give --grid too", file=sys.stderr)
+            return 2
+        print("\n".join(saved_report(args.report, args.verdicts_only)))
+        return 0
     # The grid also runs without OpenBLAS settings of the environment (its process only).
     unset = OPENBLAS_VARS if args.grid else ()
     if not pinned(args.threads) or any(var in os.environ for var in unset):
