@@ -143,9 +143,8 @@ def test_anchor_rule():
 
 
 # Pages still carrying the project's development history ("bars of issue 13",
-# "the issue's machine"), to be rewritten by their owners: performance.md
-# (kernels, issue 20) and reliability.md (fail-stop, issue 19).
-HISTORY_LEFT = {"performance.md", "reliability.md"}
+# "the issue's machine"), to be rewritten by their owners: reliability.md.
+HISTORY_LEFT = {"reliability.md"}
 
 
 def test_readme_is_a_front_door():
