@@ -329,6 +329,43 @@ def test_no_unmarked_measurement_in_the_teaching_pages(path):
     assert not set(NOT_OUTPUTS[path]) - found, "stale entries in NOT_OUTPUTS"
 
 
+# Timings in any page: a time (ms, us, ns, or seconds with a decimal) outside
+# a marker's quote is a measurement nobody re-checks, unless it is a
+# parameter of the run it describes (listed here).
+TIMING = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?:-\d+(?:\.\d+)?)?\s?(?:ms|us|µs|ns)\b"
+                    r"|(?<![\w.])\d+\.\d+(?:-\d+(?:\.\d+)?)? s\b")
+TIMING_PARAMETERS = {
+    "docs/performance.md": {"2 ms": "a batch of calls per timed sample (SAMPLE_S)"},
+    "docs/reliability.md": {
+        "2.5 s": "how late the test makes a rank", "20 ms": "the dead-rank test's polling interval",
+        "0.2 s": "when the test cuts the link", "0.5 s": "how late the test makes host1"},
+}
+
+
+def _prose(path):
+    """The page without marker quotes, comments, code blocks and indented code."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    for marker in D.markers_in(path):
+        text = text.replace(marker.quote, "")
+    text = re.sub(r"<!--.*?-->", "", text, flags=re.S)
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    return "\n".join(line for line in text.split("\n") if not line.startswith("    "))
+
+
+@pytest.mark.parametrize("path", [os.path.relpath(p, ROOT) for p in D.doc_files()])
+def test_no_unmarked_timing_in_any_page(path):
+    found = set(TIMING.findall(_prose(os.path.join(ROOT, path))))
+    allowed = TIMING_PARAMETERS.get(path, {})
+    assert not found - set(allowed), f"{path}: timings with no marker: {sorted(found - set(allowed))}"
+    assert not set(allowed) - found, f"stale entries in TIMING_PARAMETERS[{path!r}]"
+
+
+def test_the_timing_rule_sees_timings():
+    assert TIMING.findall("took 3.2 s, then 0.74 ms and 61 us; 2-3 ms; a 3 s deadline") == \
+        ["3.2 s", "0.74 ms", "61 us", "2-3 ms"]
+
+
 # -- the README's ten lines ------------------------------------------------------------------
 
 @not_under_mpiexec
