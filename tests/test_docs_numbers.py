@@ -12,6 +12,10 @@ satisfy (grammar: tests/docs_markers.py; how to use it: docs/layout.md,
 * in the pages a newcomer reads (README, api, derivation, examples,
   layout), a number that looks measured but has no marker fails, unless it
   is listed below as a definition, a default or an identifier;
+* on every page, a timing outside a marker's quote fails, unless it is a
+  parameter of the run it describes (``TIMING_PARAMETERS``);
+* ``python tests/docs_markers.py --update FILE`` rewrites exactly the
+  ``block exact`` quotes with their commands' output;
 * the README's ten-line example runs on 4 ranks and does what it says.
 """
 import os
