@@ -299,6 +299,33 @@ def test_update_fails_on_a_command_that_fails(tmp_path):
     assert "old" in page.read_text()
 
 
+def test_the_grid_report_applies_todays_bars_to_a_saved_run(tmp_path):
+    # What README.md and performance.md quote: the verdicts come from the
+    # code's bars, not from the JSON, so a changed bar changes the quote.
+    import json
+    from mpibn.cli.bench import grid
+
+    def c(shape, dtype, ratio, us=100.0):
+        return {"shape": list(shape), "dtype": dtype, "ratio": ratio, "mpibn_s": us * 1e-6,
+                "torch_s": us * 1e-6 / ratio if ratio else None, "floor_s": None, "plan": "whole"}
+    cells = [c((2, 4, 3, 3), "float32", 0.9), c((2, 4, 3, 3), "float64", 1.2), c((16, 8), "float32", 4.0),
+             c((16, 8), "float16", None)]
+    path = tmp_path / "performance-grid.json"
+    path.write_text(json.dumps({"command": "mpibn bench --grid", "numpy": "2", "torch": "2", "threads": 1,
+                                "rounds_best_of": 3, "clock": "cpu", "cpus": 2, "loadavg_before": [1.0],
+                                "loadavg_after": [2.0], "blas": [], "cells": cells, "bars": []}))
+    bars = grid.saved_report(str(path), verdicts_only=True)
+    assert bars[0].startswith("bars") and len(bars) == 1 + len(grid.verdicts(cells))
+    assert "(at most 1.0 x: holds)" in bars[-1]                         # the tiny layer at 0.9
+    assert "worst cell (16, 8) float32" in bars[3] and "MISSED by 14 %" in bars[3]   # 4.0 against 3.5
+    assert "cells above 3.5x" in bars[4] and bars[4].endswith("MISSED by 1 cell)")
+    full = grid.saved_report(str(path))
+    assert "BLAS kernel not recorded" in full[0] and full[-len(bars):] == bars
+    assert any("n/a (100 us)" in line for line in full)                 # a cell torch could not run
+    assert grid.bar_verdict(2.0, 1.0, "x") == "MISSED by 100 %" and grid.bar_verdict(3, 0, "cells") == \
+        "MISSED by 3 cells" and grid.bar_verdict(0.5, 1.0, "x") == "holds"
+
+
 # -- unmarked numbers in the pages a newcomer reads --------------------------------------
 
 # Numbers that look measured but are not outputs of a program: definitions,
