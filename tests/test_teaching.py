@@ -156,6 +156,9 @@ def test_readme_is_a_front_door():
     for path in pages:
         flat = " ".join(_read(path).split()).lower()
         assert not re.search(r"(?<!#)\bissue \d|the issue's|bars of issue", flat), path
+        # ... nor the storytelling that goes with it ("before: a hang", "the old code").
+        assert not re.search(r"\bbefore: |\(was: |before this change|the old code|during this work"
+                             r"|measured before\b", flat), path
 
 
 def _figure_module():
