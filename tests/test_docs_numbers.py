@@ -101,6 +101,31 @@ def test_the_conformance_page_is_the_rendering_of_its_measurements():
         "docs/conformance.md is not what python scripts/conformance/report.py renders"
 
 
+@pytest.mark.system
+@not_under_mpiexec
+@pytest.mark.timeout(300)
+def test_the_recorded_peer_table_has_todays_mpibn_column(tmp_path):
+    # docs/golden-peers.txt (ground-truth.md's PyTorch and Flax table) is a
+    # recorded run: the torch and Flax columns need those frameworks, but the
+    # mpibn-default column is this code's, and must go red when a kernel
+    # change moves its last bits. Re-record: the commands in ground-truth.md,
+    # "PyTorch and Flax against the golden set", then the compare.py command
+    # of the marker above the table, into docs/golden-peers.txt.
+    for out, extra in (("golden", []), ("mpibn-default", ["--no-exact"])):
+        run = subprocess.run([sys.executable, "-m", "mpibn", "golden", "--out", str(tmp_path / out), *extra],
+                             cwd=ROOT, capture_output=True, text=True, timeout=240)
+        assert run.returncode == 0, run.stderr[-2000:]
+    with open(os.path.join(ROOT, "docs", "golden-peers.txt"), encoding="utf-8") as f:
+        recorded = [line.split(" | ")[:3] for line in f.read().splitlines()[2:]]
+    scenarios = ",".join(dict.fromkeys(row[0].lstrip("| ") for row in recorded))
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "adapters", "compare.py"),
+                          str(tmp_path / "golden"), f"mpibn-default={tmp_path / 'mpibn-default'}",
+                          "--scenarios", scenarios], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    live = [line.rstrip(" |").split(" | ")[:3] for line in run.stdout.splitlines()[2:]]
+    assert live == recorded, "docs/golden-peers.txt's mpibn-default column is not today's"
+
+
 # -- the checker fails when it should ------------------------------------------------------
 
 def _marker(tmp_path, text):
