@@ -35,7 +35,10 @@ are *contiguous* in it, because that is where NumPy sums well:
   then added in order. Error growth about nb / ACC + ACC (blocks of fewer
   than ``ACC_ROWS`` rows are added in order: about nb). A float64 2-D
   block is already in this layout: it is read as a view (no copy), and a
-  float64 2-D result is written straight into the output.
+  float64 2-D result is written straight into the output. Element-wise
+  formulas see a 2-D block of short rows in wide rows (``Wide``: (nb, C)
+  as (nb / r, r * C), each (C,) vector tiled r times), where NumPy's
+  per-row cost does not show; the sums still see (nb, C).
 
 Blocks of one channel group are visited in sample order, and their sums
 added in that order, so per-channel sums are reproducible.
@@ -46,8 +49,9 @@ buffered path, 1.2 to 4 ns per value against about 0.7 to 1 for a plain
 copy plus a float64 operation: ``load`` converts, then the formulas work on
 float64 scratch only.
 
-**Kept between two calls.** ``reduce(..., keep=True)`` on an array of one
-block leaves its float64 buffers (backward's dy and x - mean) in a second
+**Kept between two calls.** ``reduce(..., keep=True)`` and
+``shifted_sums(..., keep=True)`` on an array of one block leave their
+float64 buffers (backward's dy and x - mean; forward's x) in a second
 pool, and ``each_kept`` runs the next formula on them without loading
 again: the caller passes it on at once, on the same thread.
 
@@ -55,9 +59,8 @@ again: the caller passes it on at once, on the same thread.
 when the array is at most ``WHOLE`` values: one block, one NumPy call per
 step of a formula, no Python loop (on small arrays a call, about 1 us,
 costs more than the values). Bigger arrays use blocks of at most ``BLOCK``
-values so that the float64 scratch stays in the CPU cache and no full-size
-float64 temporary exists (a float32 activation then streams from memory
-as float32)::
+values so that no full-size float64 temporary exists (a float32
+activation then streams from memory as float32)::
 
     4-D, B * L <= BLOCK   (B, cb, L)     cb = BLOCK // (B * L) channels
     4-D, L <= BLOCK       (nb, 1, L)     nb = BLOCK // L samples of one channel
@@ -72,10 +75,14 @@ import numpy as np
 __all__ = ["BLOCK", "WHOLE", "ACC", "Plan", "plan", "plan_for", "whole", "reduce", "each", "each_kept",
            "shifted_sums", "sums"]
 
-# 2**15 float64 values = 256 KiB per buffer: a block's two or three
-# scratch buffers stay in a 0.5-2 MiB L2 cache. Tests set it tiny to run
-# many blocks, partial blocks and split rows on small arrays.
-BLOCK = 1 << 15
+# 2**17 float64 values = 1 MiB per buffer: a block is as big as the
+# whole plan's one block. Bigger blocks mean fewer trips through the Python
+# loop (a 4-D block of 2**15 values cost 10 to 25 % more time per value,
+# measured side by side: docs/performance.md), and the scratch (at most 3
+# MiB, kept from call to call, plus 3 for ``keep``) stays far below the 8
+# MiB of input from which the peak-memory bar applies. Tests set it tiny to
+# run many blocks, partial blocks and split rows on small arrays.
+BLOCK = 1 << 17
 
 # Arrays of at most this many values are one block (the whole plan): its
 # float64 scratch (at most 3 buffers of 1 MiB, kept from call to call) is
@@ -243,39 +250,82 @@ def sums(a, major, out):
     return out
 
 
-def _wide(p, k, vectors):
-    """Buffers for ``vectors`` expanded to a full 2-D block, or None.
-
-    A 2-D block of several channels broadcasts each (C,) vector over its
-    rows, which costs NumPy up to 1.5x a same-shape operation. When a
-    channel group has several blocks (the blocked plan of a big 2-D array)
-    each vector is expanded once per group instead (``_expand``), and every
-    block of the group uses it as a same-shape operand."""
-    if p.major or p.full[1] == 1 or p.full[0] >= p.shape[0]:
-        return None
-    return list(scratch(p, p.full, k + len(vectors))[k:])      # after the k block buffers
-
-
-def _expand(wide, vectors, c, size, first):
-    """The columns of a 2-D block from ``_wide``'s buffers, filled on the group's first block."""
-    cb = c.stop - c.start
-    if first:
-        for w, v in zip(wide, vectors):
-            if v is not None:
-                w[:, :cb] = v[c]
-    return [None if v is None else w[:size[0], :cb] for w, v in zip(wide, vectors)]
-
-
 def _columns(vectors, c, major):
     if c.stop - c.start == 1:           # one channel: plain scalars, NumPy's fastest operand
         return [None if v is None else v[c.start] for v in vectors]
     return [None if v is None else (v[c, None] if major else v[c]) for v in vectors]
 
 
+# 2-D arrays with rows shorter than WIDE values are seen by the formulas in
+# rows of about WIDE values (``Wide``), when that makes at least 4 of them.
+WIDE = 8192
+
+
+def _wide_rows(num, channels):
+    """r, the rows of a (B, C) block that make one wide row (1: none)."""
+    if channels >= WIDE or num * channels < 4 * WIDE:
+        return 1
+    rows = WIDE // channels
+    while num % rows:
+        rows -= 1
+    return rows
+
+
+class Wide:
+    """2-D blocks seen in wide rows: (nb, C) as (nb / r, r * C).
+
+    NumPy broadcasts a (C,) vector over (nb, C) at up to 1.8 times the cost
+    of a same-shape operation when rows are shorter than about 8192 values
+    (a per-row cost of its iterator; measured 0.30-0.35 against 0.16-0.20
+    ns per value). The same element-wise formula on (nb / r, r * C) views,
+    with each vector tiled r times, computes the same values with the same
+    operations (element by element, nothing is summed here), in long rows.
+    The per-channel sums still see the (nb, C) layout (``sums``), so their
+    order, and their bits, do not change. ``bufs``: the scratch buffers of
+    a whole-plan array, whose views are then made once.
+    """
+
+    __slots__ = ("rows", "width", "tiles", "bufs", "views")
+
+    def __init__(self, rows, channels, bufs=None):
+        self.rows, self.width = rows, rows * channels
+        self.tiles = np.empty((4, rows, channels))      # at most 4 vectors per formula
+        self.bufs = bufs
+        self.views = None if bufs is None else [b.reshape(-1, self.width) for b in bufs]
+
+    def fits(self, arrays):
+        """True when every array is C-contiguous with a multiple of r rows
+        (the reshape to wide rows is then a view)."""
+        return all(a.shape[0] % self.rows == 0 and a.flags.c_contiguous for a in arrays)
+
+    def vectors(self, vectors):
+        """Each (C,) vector tiled r times, as an (r * C,) row (None stays None)."""
+        out = []
+        for tile, v in zip(self.tiles, vectors):
+            if v is not None:
+                tile[...] = v
+                v = tile.reshape(-1)
+            out.append(v)
+        return out
+
+    def body(self, body, ins, outs, tiled, bufs):
+        """``body(ins, outs, tiled)`` on wide rows. ``bufs``: the scratch
+        buffers; each becomes one view wherever it appears (bodies compare
+        buffers by identity)."""
+        views = self.views if bufs is self.bufs else [b.reshape(-1, self.width) for b in bufs]
+
+        def wide(a):
+            for b, view in zip(bufs, views):
+                if a is b:
+                    return view
+            return a.reshape(-1, self.width)
+        body([wide(a) for a in ins], [wide(a) for a in outs], tiled)
+
+
 def _whole(shape, k, kept=False):
     """The whole plan's scratch for a (B, C, L) shape: (stacked (k, ...) as
     ``scratch``, its k buffers, k load targets shaped like the transposed
-    block, major),
+    block, major, ``Wide`` or None),
     made once per shape and kept with the thread's pool (small arrays: the
     cost of a call is what counts, so nothing is rebuilt per call).
     ``kept``: from a second pool, which holds what ``reduce(..., keep=True)``
@@ -297,7 +347,9 @@ def _whole(shape, k, kept=False):
         s = flat[:k * size].reshape((k, channels, num * length) if major else (k, num, channels))
         bufs = list(s)                  # the same view objects every call (bodies compare by identity)
         targets = [b.reshape(channels, num, length) if major else b.reshape(num, channels, 1) for b in s]
-        got = _POOL.views[(shape, k, kept)] = (s, bufs, targets, major)
+        rows = 1 if major else _wide_rows(num, channels)
+        wide = None if rows == 1 else Wide(rows, channels, bufs)
+        got = _POOL.views[(shape, k, kept)] = (s, bufs, targets, major, wide)
     return got
 
 
@@ -324,16 +376,18 @@ def reduce(sources, k, body, vectors, out, summed=None, keep=False):
         out[...] = 0.0
         return out
     if x.size <= WHOLE:                 # one block: no loop, the fewest calls
-        s, bufs, targets, major = _whole(x.shape, k, keep)
+        s, bufs, targets, major, wide = _whole(x.shape, k, keep)
         ins = [_load_whole(b, t, src, major) for b, t, src in zip(bufs, targets, sources)]
         if body is None:                # the one source itself is summed
             s = ins[0][None]
+        elif wide is not None and wide.fits(ins):
+            wide.body(body, ins, bufs, wide.vectors(vectors), bufs)
         else:
             body(ins, bufs, [v[:, None] if major and v is not None else v for v in vectors])
         return sums(s[summed] if summed else s, major, out)
     p = plan_for(x.shape)
     part = np.empty((k, p.full[1]))
-    wide = _wide(p, k, vectors)
+    wide, tiled = _blocked_wide(p, vectors, body)
     for index, size, first in p.blocks:
         c = index[1]
         s = scratch(p, size, k)
@@ -341,9 +395,10 @@ def reduce(sources, k, body, vectors, out, summed=None, keep=False):
         ins = [load(b, src, index, p.major) for b, src in zip(bufs, sources)]
         if body is None:                # the one source itself is summed
             s = ins[0][None]
+        elif wide is not None and wide.fits(ins):
+            wide.body(body, ins, bufs, tiled, bufs)
         else:
-            body(ins, bufs, _columns(vectors, c, p.major) if wide is None
-                 else _expand(wide, vectors, c, size, first))
+            body(ins, bufs, _columns(vectors, c, p.major))
         if summed:
             s = s[summed]
         if first:
@@ -351,6 +406,24 @@ def reduce(sources, k, body, vectors, out, summed=None, keep=False):
         else:
             out[:, c] += sums(s, p.major, part[:, :c.stop - c.start])
     return out
+
+
+def _blocked_wide(p, vectors, body):
+    """(``Wide``, tiled vectors) for the blocks of a 2-D blocked plan whose
+    blocks hold every channel (C <= BLOCK), or (None, None). The tiles are
+    filled once per call: every block uses the same vectors."""
+    if p.major or body is None or p.full[1] != p.shape[1]:
+        return None, None
+    rows = _wide_rows(*p.full[:2])
+    if rows == 1:
+        return None, None
+    key = ("wide", rows, p.shape[1])
+    wide = _POOL.views.get(key) if getattr(_POOL, "views", None) is not None else None
+    if wide is None:
+        wide = Wide(rows, p.shape[1])
+        if getattr(_POOL, "views", None) is not None:
+            _POOL.views[key] = wide
+    return wide, wide.vectors(vectors)
 
 
 def _load_whole(buf, target, src, major):
@@ -376,23 +449,28 @@ def each(sources, k, body, vectors, dst):
     if x.size == 0:
         return dst
     if x.size <= WHOLE:                 # one block: no loop, the fewest calls
-        s, bufs, targets, major = _whole(x.shape, k)
+        s, bufs, targets, major, wide = _whole(x.shape, k)
         ins = [_load_whole(b, t, src, major) for b, t, src in zip(bufs, targets, sources)]
         direct = not major and dst.dtype == np.float64
         outs = [dst[:, :, 0], *bufs[1:]] if direct else bufs
-        body(ins, outs, [v[:, None] if major and v is not None else v for v in vectors])
+        if wide is not None and wide.fits(ins) and wide.fits(outs):
+            wide.body(body, ins, outs, wide.vectors(vectors), bufs)
+        else:
+            body(ins, outs, [v[:, None] if major and v is not None else v for v in vectors])
         if not direct:
             (dst.transpose(1, 0, 2) if major else dst)[...] = targets[0]
         return dst
     p = plan_for(x.shape)
-    wide = _wide(p, k, vectors)
+    wide, tiled = _blocked_wide(p, vectors, body)
     for index, size, first in p.blocks:
         bufs = list(scratch(p, size, k))
         ins = [load(b, src, index, p.major) for b, src in zip(bufs, sources)]
         out = target(dst, index, bufs[0], p.major)
-        columns = (_columns(vectors, index[1], p.major) if wide is None
-                   else _expand(wide, vectors, index[1], size, first))
-        body(ins, bufs if out is bufs[0] else [out, *bufs[1:]], columns)
+        outs = bufs if out is bufs[0] else [out, *bufs[1:]]
+        if wide is not None and wide.fits(ins) and wide.fits(outs):
+            wide.body(body, ins, outs, tiled, bufs)
+        else:
+            body(ins, outs, _columns(vectors, index[1], p.major))
         store(dst, index, bufs[0], p.major)
     return dst
 
@@ -400,24 +478,36 @@ def each(sources, k, body, vectors, dst):
 def each_kept(shape, k, body, vectors, dst):
     """``each`` on what ``reduce(..., keep=True)`` left in its k buffers
     for a (B, C, L) array of ``shape`` (one block): nothing is loaded."""
-    s, bufs, targets, major = _whole(shape, k, True)
-    body(bufs, bufs, [v[:, None] if major and v is not None else v for v in vectors])
+    s, bufs, targets, major, wide = _whole(shape, k, True)
+    if wide is not None:
+        wide.body(body, bufs, bufs, wide.vectors(vectors), bufs)
+    else:
+        body(bufs, bufs, [v[:, None] if major and v is not None else v for v in vectors])
     (dst.transpose(1, 0, 2) if major else dst)[...] = targets[0]
     return dst
 
 
-def shifted_sums(x, head, body):
+def shifted_sums(x, head, body, keep=False):
     """(K, sums) for ``batch_norm_stats``: K (C,) the mean of each channel
     over the first ``head`` samples of (B, C, L) x, then ``reduce((x,), 2,
     body, (K,))``. In the whole plan K comes from the block already loaded
-    (x is converted once); otherwise from a pass over the head."""
+    (x is converted once); otherwise from a pass over the head.
+
+    ``keep=True`` on an array of one block: ``body`` gets three buffers,
+    x (float64) in the first, which it leaves as it is, and the two summed
+    quantities in the other two; returns (K, sums, kept) with ``kept`` for
+    ``each_kept`` (the shape; None for bigger arrays and float64 2-D ones), so that the next
+    formula on this thread reads x without converting it again."""
     num, channels, length = x.shape
     out = np.empty((2, channels))
+    # (a float64 2-D array is read in place, never loaded: nothing to keep)
+    kept = keep and whole(x.shape) and (length > 1 or x.dtype != np.float64)
     if x.size > WHOLE:
         shift = reduce((x[:head],), 1, None, (), np.empty((1, channels)))[0]
         shift /= float(head * length)
-        return shift, reduce((x,), 2, body, (shift,), out)
-    s, bufs, targets, major = _whole(x.shape, 2)
+        sums_ = reduce((x,), 2, body, (shift,), out)
+        return (shift, sums_, None) if keep else (shift, sums_)
+    s, bufs, targets, major, wide = _whole(x.shape, 3 if kept else 2, kept)
     ins = [_load_whole(bufs[0], targets[0], x, major)]
     shift = np.empty(channels)
     if major:
@@ -429,5 +519,11 @@ def shifted_sums(x, head, body):
     else:
         sums(ins[0][None, :head], False, shift[None])
     shift /= float(head * length)
-    body(ins, bufs, [shift[:, None] if major else shift])
-    return shift, sums(s, major, out)
+    if wide is not None and wide.fits(ins):
+        wide.body(body, ins, bufs, wide.vectors([shift]), bufs)
+    else:
+        body(ins, bufs, [shift[:, None] if major else shift])
+    if kept:
+        return shift, sums(s[1:], major, out), x.shape
+    sums(s, major, out)
+    return (shift, out, None) if keep else (shift, out)

@@ -91,7 +91,7 @@ def as_ncl(x):
     return x[:, :, None]
 
 
-def batch_norm_stats(x, out=None):
+def batch_norm_stats(x, out=None, keep=False):
     """Local moments of one shard, per channel, in float64.
 
     ::
@@ -128,7 +128,10 @@ def batch_norm_stats(x, out=None):
     the between-block term turns into an error of order u*|mean|/std in m2.)
 
     x: (B, C, L) of any float dtype. ``out``: an optional (2, C) float64
-    array for (mean, m2). Returns (n, mean, m2).
+    array for (mean, m2). Returns (n, mean, m2), and with ``keep=True`` a
+    fourth value for ``batch_norm_elemt(..., kept=...)``: x as converted to
+    float64 here (an array of one block, ``blocks.whole``; else None), so
+    that y need not convert it again.
     """
     num, channels, length = x.shape
     count = num * length
@@ -136,11 +139,11 @@ def batch_norm_stats(x, out=None):
     mean, m2 = out
     if count == 0:
         out[...] = 0.0
-        return 0, mean, m2
+        return (0, mean, m2, None) if keep else (0, mean, m2)
     # A small shard is its own head (K = its first-pass mean): the extra pass
     # costs nothing there, and it keeps sum(d) from drifting on few values.
     head = num if x.size <= SMALL_SHARD else -(-num // 16)
-    shift, sums = blocks.shifted_sums(x, head, _shifted)
+    shift, sums, *kept = blocks.shifted_sums(x, head, _shifted, keep)
     d_sum, d_sq = sums
     np.divide(d_sum, float(count), out=mean)        # sum(d)/n (a float: NumPy divides faster)
     np.multiply(d_sum, mean, out=m2)
@@ -152,13 +155,14 @@ def batch_norm_stats(x, out=None):
     # better value. Unlike a clamp of E[x^2] - E[x]^2 this hides no lost
     # digits (docs/ground-truth.md, "The clamp on m2").
     np.maximum(m2, 0.0, out=m2)
-    return count, mean, m2
+    return (count, mean, m2, *kept)
 
 
 def _shifted(blocks_, scratch, columns):
-    """One block of batch_norm_stats: from x (float64), leaves d = x - K in
-    scratch[0] and d^2 in scratch[1], the two quantities summed per channel."""
-    (x,), (shift,), (d, sq) = blocks_, columns, scratch
+    """One block of batch_norm_stats: from x (float64), leaves d = x - K and
+    d^2 in the last two scratch buffers, the two quantities summed per
+    channel (with three buffers, x stays in the first: ``keep``)."""
+    (x,), (shift,), (d, sq) = blocks_, columns, scratch[-2:]
     np.subtract(x, shift, out=d)                    # d = x - K
     np.multiply(d, d, out=sq)
 
@@ -185,9 +189,9 @@ def merge_stats(counts, means, m2s, out=None):
     counts: (P,), means: (P, C), m2s: (P, C). ``out``: an optional (2, C)
     float64 array for (mean, M2). Returns (N, mean, M2).
     """
-    counts = np.asarray(counts, dtype=np.float64)
-    means = np.asarray(means, dtype=np.float64)
-    m2s = np.asarray(m2s, dtype=np.float64)
+    counts = _f64(counts)
+    means = _f64(means)
+    m2s = _f64(m2s)
     total = sum(counts.tolist())                    # integers: exact in any order
     out = np.empty((2, means.shape[1])) if out is None else out
     if total == 0:
@@ -196,9 +200,9 @@ def merge_stats(counts, means, m2s, out=None):
     if counts.shape[0] == 1:
         # One rank: the lines below add an exact 0 to its own mean and m2
         # (NaN where its mean is not finite); so does this, in 3 calls not 15.
-        zero = means[0] - means[0]
-        np.add(means[0], zero, out=out[0])
+        zero = np.subtract(means[0], means[0], out=out[0])
         np.add(m2s[0], zero, out=out[1])
+        np.add(means[0], zero, out=out[0])
         return int(total), out[0], out[1]
     weights = counts[:, None]
     # Empty ranks carry zero rows; masking every column keeps a stray
@@ -221,10 +225,10 @@ def merge_stats(counts, means, m2s, out=None):
 
 def inv_std_from_var(var, eps):
     """s = inv_std = 1 / sqrt(var + eps), float64, (C,)."""
-    return 1.0 / np.sqrt(np.asarray(var, dtype=np.float64) + eps)
+    return 1.0 / np.sqrt(_f64(var) + eps)
 
 
-def batch_norm_elemt(x, mean, inv_std, gamma, beta, out_dtype=None, out=None):
+def batch_norm_elemt(x, mean, inv_std, gamma, beta, out_dtype=None, out=None, kept=None):
     """Normalise with given statistics, then scale and shift.
 
     ::
@@ -253,8 +257,12 @@ def _normalise(blocks_, scratch, columns):
     d += be
 
 
+_F64 = np.dtype(np.float64)
+
+
 def _f64(v):
-    return v if type(v) is np.ndarray and v.dtype == np.float64 else np.asarray(v, np.float64)
+    """v as a float64 array: itself when it is one (no call: this is on every step's path)."""
+    return v if type(v) is np.ndarray and v.dtype is _F64 else np.asarray(v, np.float64)
 
 
 def batch_norm_backward_reduce(dy, xhat=None, *, x=None, mean=None, inv_std=None, out=None,
@@ -382,7 +390,8 @@ def running_update(moving, batch_stat, momentum, out=None):
     (PyTorch's momentum=0.1 is the same update as MindSpore's 0.9.) In
     float64; ``out``: an optional float64 array for the result (may be ``moving``).
     """
-    new = np.multiply(moving, momentum, out=out, dtype=np.float64)
+    # (_f64: float32 moving statistics are converted exactly, then multiplied in float64)
+    new = np.multiply(_f64(moving), momentum, out=out)
     return np.add(new, np.multiply(batch_stat, 1.0 - momentum), out=new)
 
 

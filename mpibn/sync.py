@@ -138,23 +138,24 @@ def sync_batch_norm(x, gamma, beta, *, group_comm, eps=1e-5, training=True, runn
     if training:
         if exchange is None:
             exchange = agreed_exchange(group_comm, channels, exact, problem, tag)
-        mean, inv_std, count, var = batch_statistics(
+        mean, inv_std, count, var, kept = batch_statistics(
             x, problem, exchange, eps, context, tag, running_mean, running_var, momentum, nonfinite,
             exact)
     else:
         local_problem(problem, group_comm, context)
         mean = np.asarray(running_mean, np.float64)
         inv_std = F.inv_std_from_var(running_var, eps)
-        count = var = None
+        count = var = kept = None
     x3 = F.as_ncl(x)
     if training and nonfinite == "raise":
         # Every value of the batch was checked finite on every rank: no
         # invalid operation can happen here, so no error state to set.
-        y = F.batch_norm_elemt(x3, mean, inv_std, gamma, beta)
+        # kept: x as the local moments converted it to float64 (a one-block array)
+        y = F.batch_norm_elemt(x3, mean, inv_std, gamma, beta, kept=kept)
     else:
         # With nonfinite='propagate', Inf - Inf = NaN is the asked-for result, not news.
         with np.errstate(invalid="ignore" if nonfinite == "propagate" else "warn"):
-            y = F.batch_norm_elemt(x3, mean, inv_std, gamma, beta)
+            y = F.batch_norm_elemt(x3, mean, inv_std, gamma, beta, kept=kept)
     # x3 shares memory with the caller's x unless as_ncl or _native copied it.
     # In eval, x feeds only this rank's dgamma (dx = gamma * inv_std * dy) and
     # the forward is one cheap pass: the sampled values only, not a full read.
@@ -193,11 +194,12 @@ def agreed_exchange(group_comm, channels, exact, problem, tag):
 
 
 def _local_moments(x, out):
-    """This rank's count, with its (mean, m2) written into ``out`` (2, C)
+    """This rank's count, with its (mean, m2) written into ``out`` (2, C),
+    and x in float64 for y (``F.batch_norm_stats(..., keep=True)``)
     (called under batch_statistics' errstate: inf - inf is NaN, and squares
     of 1e160 overflow, which the agreed checks after the exchange report)."""
-    count, _, _ = F.batch_norm_stats(F.as_ncl(x), out)
-    return count
+    count, _, _, kept = F.batch_norm_stats(F.as_ncl(x), out, keep=True)
+    return count, kept
 
 
 def sum_overflow(a3, sums, nonfinite):
@@ -214,7 +216,8 @@ def sum_overflow(a3, sums, nonfinite):
 
 def batch_statistics(x, problem, exchange, eps, context, tag, running_mean=None, running_var=None,
                      momentum=0.9, nonfinite="raise", exact=False):
-    """Local moments -> the one Allreduce -> the group's (mean, inv_std, count, var)."""
+    """Local moments -> the one Allreduce -> the group's (mean, inv_std, count, var),
+    and ``kept`` for ``F.batch_norm_elemt`` (x already in float64, or None)."""
     group_comm = exchange.group
     # inf - inf is NaN in the local moments, and the merge and the moving
     # statistics may overflow: no warnings, the agreed checks below report
@@ -223,12 +226,12 @@ def batch_statistics(x, problem, exchange, eps, context, tag, running_mean=None,
         if exact:
             counts, rows, total, mean, var, unbiased = exact_statistics(x, problem, exchange, context, tag)
         else:
-            count, payload = 0, None
+            count, payload, kept = 0, None, None
             if problem is None:
                 # mean and m2 are written straight into this rank's row of the exchange
                 try:
                     payload = exchange.payload()
-                    count = _local_moments(x, payload)
+                    count, kept = _local_moments(x, payload)
                 except Exception as exc:     # noqa: BLE001 - errors.guarded, inline on every call's path
                     problem = Problem.from_exception(exc)
             if problem is None and nonfinite == "raise" and not _finite(payload[0]):
@@ -236,8 +239,8 @@ def batch_statistics(x, problem, exchange, eps, context, tag, running_mean=None,
                 problem = sum_overflow(F.as_ncl(x), payload[0], nonfinite)
             counts, rows = exchange.exchange(problem, count, None if payload is None else FILLED,
                                              context, tag)
-            moments = np.empty((2, rows.shape[2]))              # (mean, M2)
-            total, _, _ = F.merge_stats(counts, rows[:, 0], rows[:, 1], out=moments)
+            moments = np.empty((3, rows.shape[2]))              # (mean, M2, unbiased variance)
+            total, _, _ = F.merge_stats(counts, rows[:, 0], rows[:, 1], out=moments[:2])
         # The checks below read only what every rank of the group holds alike (the
         # rows, the moving statistics): they raise on every rank or on none, with
         # no communication (the second way errors are agreed: mpibn/errors.py).
@@ -247,13 +250,17 @@ def batch_statistics(x, problem, exchange, eps, context, tag, running_mean=None,
                              f"(per-rank counts {counts.astype(int).tolist()})")
         if not exact:
             # (mean, var, unbiased): M2 / N and M2 / (N - 1)
-            mean, var, unbiased = moments[0], moments[1] / float(total), moments[1] / float(total - 1)
+            mean, var = moments[0], moments[1] / float(total)
+            unbiased = np.divide(moments[1], float(total - 1), out=moments[2])
+            stats = moments[::2]                                # (mean, unbiased), a view
+        else:
+            stats = np.array((mean, unbiased))
         # Any NaN or Inf in a row with values, or an overflowing merge, makes the
         # merged moments non-finite: one reduction checks them all in the usual case.
-        if nonfinite == "raise" and (exact or not _finite(moments)):
+        if nonfinite == "raise" and (exact or not _finite(moments[:2])):
             _check_finite(rows, group_comm, context, exact)
             _check_group_finite(mean, var, context)
-        pair = _moving_pair(running_mean, running_var, mean, unbiased, momentum)
+        pair = _moving_pair(running_mean, running_var, stats, momentum)
         if pair is None:
             new = (_moving(running_mean, mean, momentum), _moving(running_var, unbiased, momentum))
         else:
@@ -265,7 +272,7 @@ def batch_statistics(x, problem, exchange, eps, context, tag, running_mean=None,
         running_mean[...] = new[0]
     if running_var is not None:
         running_var[...] = new[1]
-    return mean, F.inv_std_from_var(var, eps), total, var
+    return mean, F.inv_std_from_var(var, eps), total, var, None if exact else kept
 
 
 def _finite(a):
@@ -285,17 +292,19 @@ def _moving(running, batch_stat, momentum):
     return F.running_update(running, batch_stat, momentum).astype(np.asarray(running).dtype)
 
 
-def _moving_pair(running_mean, running_var, mean, unbiased, momentum):
+def _moving_pair(running_mean, running_var, stats, momentum):
     """Both moving statistics updated as one (2, C) array of their dtype: the
-    arithmetic of ``F.running_update`` value by value, in half the calls. None when
-    they are not two ndarrays of one dtype (then ``_moving`` does each)."""
+    arithmetic of ``F.running_update`` value by value, in fewer calls. ``stats``:
+    (2, C) float64, the batch's (mean, unbiased variance). None when the moving
+    statistics are not two ndarrays (C,) of one dtype (then ``_moving`` does each)."""
+    channels = stats.shape[1]
     if type(running_mean) is not np.ndarray or type(running_var) is not np.ndarray \
-            or running_mean.dtype != running_var.dtype or running_mean.shape != mean.shape \
-            or running_var.shape != mean.shape:
+            or running_mean.dtype != running_var.dtype or running_mean.shape != (channels,) \
+            or running_var.shape != (channels,):
         return None
-    new = np.empty((2, mean.shape[0]))
-    F.running_update(running_mean, mean, momentum, out=new[0])
-    F.running_update(running_var, unbiased, momentum, out=new[1])
+    new = np.empty((2, channels))
+    new[0], new[1] = running_mean, running_var      # exact in float64
+    F.running_update(new, stats, momentum, out=new)
     return new.astype(running_mean.dtype)
 
 
@@ -424,8 +433,12 @@ def sync_batch_norm_backward(dy, saved, *, exchange=None, training=None):
     with np.errstate(over="ignore", invalid="ignore"):
         # In training the default mode's two sums go straight into this rank's row of the exchange.
         payload = exchange.payload() if training and not exact and problem is None else None
-        problem, local = guarded(problem, lambda: _local_backward(dy, saved, exact, payload))
-        dy3, sums, kept = local if local is not None else (None, None, None)
+        dy3 = sums = kept = None
+        if problem is None:
+            try:                  # errors.guarded, inline: this is every backward's path
+                dy3, sums, kept = _local_backward(dy, saved, exact, payload)
+            except Exception as exc:     # noqa: BLE001 - reported to every rank, chained on this one
+                problem = Problem.from_exception(exc)
         if not training:
             local_problem(problem, group, context)
         if problem is None and sums is not None and training and nonfinite == "raise" \
@@ -478,8 +491,13 @@ def _backward_problem(dy, saved, training):
         problem = check_grad(dy, saved.shape)
     if saved.fingerprint is None:
         return problem
-    problem, changed = guarded(problem, lambda: _x_changed(saved))
-    return Problem(Code.X_CHANGED) if changed else problem
+    if problem is not None:
+        return problem
+    try:                      # errors.guarded, inline: this is every backward's path
+        changed = _x_changed(saved)
+    except Exception as exc:     # noqa: BLE001 - reported to every rank, chained on this one
+        return Problem.from_exception(exc)
+    return Problem(Code.X_CHANGED) if changed else None
 
 
 def _x_changed(saved):

@@ -21,7 +21,7 @@ EPS = 1e-5
 SHAPES = [(5, 3, 4, 6), (7, 5), (2, 3, 300), (1, 2, 1000), (9, 1)]
 
 
-@pytest.fixture(params=[7, 64, 1 << 15, None], ids=["block7", "block64", "blocked", "default"])
+@pytest.fixture(params=[7, 64, blocks.BLOCK, None], ids=["block7", "block64", "blocked", "default"])
 def block(request, monkeypatch):
     """The block plans. 7 and 64 (values per block) cut small arrays into
     many (partial) blocks; "blocked" sends them through the blocked plan
@@ -285,3 +285,63 @@ def test_merge_stats_one_rank_matches_the_general_formula():
     assert one[0] == two[0] == 7
     for a, b in zip(one[1:], two[1:]):
         assert np.array_equal(a, b, equal_nan=True) and np.array_equal(np.signbit(a), np.signbit(b))
+
+
+def _layer_step(x, dy):
+    bn = SyncBatchNorm(x.shape[1], dtype=x.dtype.name, comm=MPI.COMM_SELF).set_train(True)
+    bn.gamma.data[...] = np.linspace(0.5, 1.5, x.shape[1])
+    bn.beta.data[...] = np.linspace(-0.2, 0.2, x.shape[1])
+    try:
+        y = bn(x)
+        dx = bn.backward(dy)
+        return [a.tobytes() for a in (y, dx, bn.gamma.grad, bn.beta.grad, bn.moving_mean.data,
+                                      bn.moving_variance.data, bn.batch_mean, bn.batch_var)]
+    finally:
+        bn.close()
+
+
+def _takes_wide_rows(shape):
+    s3 = (shape[0], shape[1], 1)
+    if blocks.whole(s3):
+        return blocks._whole(s3, 1)[4] is not None
+    return blocks._blocked_wide(blocks.plan_for(s3), [], lambda *a: None)[0] is not None
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("shape", [(256, 256), (64, 512), (96, 384), (512, 1024), (1000, 300)])
+def test_wide_rows_give_the_same_bits(monkeypatch, shape, dtype):
+    # blocks.Wide shows 2-D blocks (the whole plan's one, or the blocked
+    # plan's, the last one partial for (1000, 300)) to the element-wise
+    # formulas in rows of about 8192 values: the same operations on the same
+    # values, so every output must be bitwise what the (B, C) rows give.
+    assert _takes_wide_rows(shape)
+    x, dy, _, _ = data(shape, dtype, offset=3.0, seed=4)
+    wide = _layer_step(x, dy)
+    monkeypatch.setattr(blocks, "WIDE", 1 << 30)                         # no wide rows
+    monkeypatch.setattr(blocks._POOL, "views", {})
+    assert not _takes_wide_rows(shape)
+    assert _layer_step(x, dy) == wide
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("shape", [(2, 4, 3, 3), (8, 64, 8, 8), (16, 300), (256, 256)])
+def test_kept_x_gives_the_same_y(shape, dtype):
+    # batch_norm_stats(keep=True) hands x, converted to float64, to
+    # batch_norm_elemt(kept=...): y must be bitwise what converting x again gives.
+    x, _, gamma, beta = data(shape, dtype, offset=2.0, seed=5)
+    x3 = ncl(x)
+    n, mean, m2, kept = F.batch_norm_stats(x3, keep=True)
+    inv_std = F.inv_std_from_var(m2 / n, EPS)
+    if len(shape) == 2 and dtype == "float64":
+        assert kept is None                     # read in place, never converted: nothing to keep
+    else:
+        assert kept == x3.shape
+    y_kept = F.batch_norm_elemt(x3, mean, inv_std, gamma, beta, kept=kept)
+    assert np.array_equal(F.batch_norm_stats(x3)[1], mean)
+    assert y_kept.tobytes() == F.batch_norm_elemt(x3, mean, inv_std, gamma, beta).tobytes()
+
+
+def test_kept_x_is_none_for_a_blocked_array():
+    x3 = ncl(data((64, 8, 32, 32), "float32")[0])           # 524288 values: the blocked plan
+    assert blocks.plan(x3.shape) != "whole"
+    assert F.batch_norm_stats(x3, keep=True)[3] is None
