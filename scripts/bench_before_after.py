@@ -1,16 +1,22 @@
 #!/usr/bin/env python3
 """mpibn of an older commit against mpibn now (and torch CPU), in one run.
 
-    python scripts/bench_before_after.py                 # before = 454fc82 (before issue 13)
+    python scripts/bench_before_after.py --commit c2ef9e9 --out docs/bench-before-after.json
     python scripts/bench_before_after.py --commit HEAD~3 --repeats 15
+    python scripts/bench_before_after.py --report docs/bench-before-after.json   # a saved run's table
 
 Needs a git checkout. The old ``mpibn`` package is extracted with ``git
 archive`` into a temporary directory and imported under another name
 (``mpibn_before``; its imports are relative), so both run in one process,
 interleaved with torch (when installed), one thread each, on the process's
 CPU clock, best of ``--repeats`` rounds (``mpibn.cli.bench.best_of``).
-Shapes: those of issue 13's table.
+Shapes: small and mid-size layers, where the fixed cost per call shows,
+and two big ones. ``--out`` also writes every number (and the command,
+versions and load) to a JSON file; ``--report`` prints a saved run's
+table again, with the geometric mean of before / now.
 """
+import json
+import math
 import argparse
 import os
 import shutil
@@ -42,11 +48,42 @@ def old_package(commit, where):
     return mpibn_before
 
 
+HEAD = (f"{'shape':>18} {'dtype':>8} | {'before us':>10} {'now us':>10} {'torch us':>10} | "
+        f"before/now  now/torch")
+
+
+def row_line(r):
+    before, now, tt = r["before_s"], r["now_s"], r["torch_s"]
+    return (f"{str(tuple(r['shape'])):>18} {r['dtype']:>8} | {before * 1e6:10.1f} {now * 1e6:10.1f} "
+            f"{tt * 1e6 if tt else float('nan'):10.1f} | {before / now:10.2f} "
+            f"{now / tt if tt else float('nan'):10.2f}")
+
+
+def summary_lines(report):
+    rows = report["rows"]
+    geo = math.exp(sum(math.log(r["before_s"] / r["now_s"]) for r in rows) / len(rows))
+    return [f"geometric mean of before/now over {len(rows)} shapes: {geo:.2f}",
+            f"before = {report['commit']}, now = {report['now']}; best of {report['repeats']} rounds, "
+            f"CPU clock; load average {report['loadavg_before'][0]:.1f} before, "
+            f"{report['loadavg_after'][0]:.1f} after"]
+
+
+def saved_report(path):
+    with open(path, encoding="utf-8") as f:
+        report = json.load(f)
+    return [HEAD] + [row_line(r) for r in report["rows"]] + summary_lines(report)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--commit", default="454fc82")
+    p.add_argument("--commit", default="c2ef9e9", help="the 'before' version (any git revision)")
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--out", default=None, metavar="JSON", help="also write the results here")
+    p.add_argument("--report", default=None, metavar="JSON", help="print a saved run's table (times nothing)")
     args = p.parse_args()
+    if args.report:
+        print("\n".join(saved_report(args.report)))
+        return
     from mpi4py import MPI
 
     import mpibn
@@ -58,11 +95,14 @@ def main():
         torch.set_num_threads(1)
     except ImportError:
         torch = None
+    load = os.getloadavg()
+    now = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"], capture_output=True,
+                         text=True).stdout.strip() or "unknown"
     where = tempfile.mkdtemp(prefix="mpibn-before-")
+    rows = []
     try:
         before = old_package(args.commit, where)
-        print(f"{'shape':>18} {'dtype':>8} | {'before us':>10} {'now us':>10} {'torch us':>10} | "
-              f"before/now  now/torch")
+        print(HEAD)
         for shape, dtype in SHAPES:
             x, dy = data(shape, dtype)
             a = before.SyncBatchNorm(shape[1], dtype=dtype, comm=MPI.COMM_SELF).set_train()
@@ -75,12 +115,19 @@ def main():
                 except RuntimeError:
                     pass
             t = best_of(cands, args.repeats, clock=time.process_time)
-            tt = t.get("torch")
-            print(f"{str(shape):>18} {dtype:>8} | {t['before'] * 1e6:10.1f} {t['now'] * 1e6:10.1f} "
-                  f"{tt * 1e6 if tt else float('nan'):10.1f} | {t['before'] / t['now']:10.2f} "
-                  f"{t['now'] / tt if tt else float('nan'):10.2f}", flush=True)
+            rows.append({"shape": list(shape), "dtype": dtype, "before_s": t["before"], "now_s": t["now"],
+                         "torch_s": t.get("torch")})
+            print(row_line(rows[-1]), flush=True)
     finally:
         shutil.rmtree(where)
+    report = {"command": "python scripts/bench_before_after.py " + " ".join(sys.argv[1:]),
+              "commit": args.commit, "now": now, "repeats": args.repeats, "numpy": np.__version__,
+              "torch": getattr(torch, "__version__", None), "loadavg_before": load,
+              "loadavg_after": os.getloadavg(), "rows": rows}
+    print("\n".join(summary_lines(report)))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
 
 
 if __name__ == "__main__":

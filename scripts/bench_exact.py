@@ -1,16 +1,17 @@
 """What does exact=True cost next to the default mode? Ratios, measured side by side.
 
-One process (the bars of issue 21; one thread, both OpenBLAS settings unset)::
+One process (one thread, both OpenBLAS settings unset)::
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 \\
         python scripts/bench_exact.py [--repeats 9] [--clock cpu|wall] [--json out.json] [--per-sample]
+    python scripts/bench_exact.py --report docs/bench-exact.json   # the table of a saved run
 
 For each shape and dtype it times SyncBatchNorm's training forward and
 backward (on COMM_SELF) with the default statistics and with exact=True,
 interleaved (each repeat runs every candidate once, in turn, so that load
 from other programs hits them alike), after a warm-up, and prints the
 median ratio exact / default of forward + backward, and of each pass,
-against the bar of issue 21 for that shape: at most 3x on 4-D activations
+against the project's bar (target) for that shape: at most 3x on 4-D activations
 of 1 MiB and more, 4x at (16, 32, 14, 14), 10x on small and 2-D shapes.
 The default clock is the CPU time of this process (one thread: the time of
 the work itself; other programs taking the core away do not count); the
@@ -34,7 +35,7 @@ import numpy as np
 from mpibn import SyncBatchNorm
 from mpibn.exact import SUMMED_WIDTH
 
-# (shape, dtype, bar): the bars of issue 21, exact / default of forward + backward.
+# (shape, dtype, bar): the project's targets, exact / default of forward + backward.
 CELLS = [((64, 64, 32, 32), "float32", 3.0), ((32, 64, 56, 56), "float32", 3.0),
          ((8, 64, 28, 28), "float32", 3.0), ((16, 64, 28, 28), "float64", 3.0),
          ((16, 64, 28, 28), "float16", 3.0),
@@ -53,6 +54,8 @@ def parse(argv):
     p.add_argument("--per-sample", action="store_true",
                    help="also time the per-sample partition-invariant default mode (a proposal)")
     p.add_argument("--cells", default=None, help="comma-separated indices into CELLS (default: all)")
+    p.add_argument("--report", default=None, metavar="JSON",
+                   help="print the table of a run saved with --json (times nothing)")
     return p.parse_args(argv)
 
 
@@ -179,27 +182,63 @@ def blas():
     return [{k: v for k, v in d.items() if k != "filepath"} for d in threadpool_info()]
 
 
+def header_lines(clock, repeats, per_sample):
+    return [f"SyncBatchNorm training forward + backward, one process, {clock} clock, "
+            f"median of {repeats} interleaved rounds: exact=True / default",
+            f"{'shape':>18} {'dtype':>8} {'MiB':>6} {'default ms':>10} {'exact ms':>9} {'fwd':>5} {'bwd':>5} "
+            f"{'both':>5} {'bar':>4}" + (f"        {'per-sample':>10}" if per_sample else "")]
+
+
+def row_line(r, per_sample):
+    return (f"{str(tuple(r['shape'])):>18} {r['dtype']:>8} {r['MiB']:6.2f} {r['default_s'] * 1e3:10.3f} "
+            f"{r['exact_s'] * 1e3:9.3f} {r['ratio_fwd']:5.2f} {r['ratio_bwd']:5.2f} {r['ratio']:5.2f} "
+            f"{r['bar']:4.0f} {'ok' if r['holds'] else 'MISSED':6}"
+            + (f" {r['per_sample_ratio']:10.2f}" if per_sample else ""))
+
+
+def kernel(report):
+    for lib in report.get("blas") or []:
+        if isinstance(lib, dict) and lib.get("internal_api") == "openblas":
+            return f"OpenBLAS {'.'.join(str(lib.get('version')).split('.')[:3])} {lib.get('architecture')} kernel"
+    return "BLAS kernel not recorded"
+
+
+def saved_report(path):
+    """``--report PATH``: a saved run's table (what the run printed), from its JSON.
+
+    Each row's verdict is this script's bar (CELLS) applied to the saved ratio."""
+    with open(path, encoding="utf-8") as f:
+        report = json.load(f)
+    bars = {(tuple(shape), dtype): bar for shape, dtype, bar in CELLS}
+    per_sample = all("per_sample_ratio" in r for r in report["cells"])
+    lines = header_lines(report["clock"], report["repeats"], per_sample)
+    for r in report["cells"]:
+        r = dict(r, bar=bars.get((tuple(r["shape"]), r["dtype"]), r["bar"]))
+        r["holds"] = r["ratio"] <= r["bar"]
+        lines.append(row_line(r, per_sample))
+    lines.append(f"NumPy {report['numpy']}, {kernel(report)}")
+    return lines
+
+
 def one_process(argv):
     args = parse(argv)
+    if args.report:
+        print("\n".join(saved_report(args.report)))
+        return
     clock = CLOCKS[args.clock]
     picked = CELLS if args.cells is None else [CELLS[int(i)] for i in args.cells.split(",")]
     rows = []
-    print(f"SyncBatchNorm training forward + backward, one process, {args.clock} clock, "
-          f"median of {args.repeats} interleaved rounds: exact=True / default")
-    print(f"{'shape':>18} {'dtype':>8} {'MiB':>6} {'default ms':>10} {'exact ms':>9} {'fwd':>5} {'bwd':>5} "
-          f"{'both':>5} {'bar':>4}" + (f" {'per-sample':>10}" if args.per_sample else ""))
+    print("\n".join(header_lines(args.clock, args.repeats, args.per_sample)))
     for shape, dtype, bar in picked:
         r = cell(shape, dtype, bar, args, clock)
         rows.append(r)
-        print(f"{str(tuple(shape)):>18} {dtype:>8} {r['MiB']:6.2f} {r['default_s'] * 1e3:10.3f} "
-              f"{r['exact_s'] * 1e3:9.3f} {r['ratio_fwd']:5.2f} {r['ratio_bwd']:5.2f} {r['ratio']:5.2f} "
-              f"{bar:4.0f} {'ok' if r['holds'] else 'MISSED'}"
-              + (f" {r['per_sample_ratio']:10.2f}" if args.per_sample else ""), flush=True)
-    report = {"cells": rows, "clock": args.clock, "repeats": args.repeats, "numpy": np.__version__,
+        print(row_line(r, args.per_sample), flush=True)
+    report = {"command": "python scripts/bench_exact.py " + " ".join(argv),
+              "cells": rows, "clock": args.clock, "repeats": args.repeats, "numpy": np.__version__,
               "blas": blas(), "env": {k: os.environ.get(k) for k in
                                       ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS",
                                        "OPENBLAS_NUM_THREADS")}}
-    print("BLAS:", report["blas"])
+    print(f"NumPy {report['numpy']}, {kernel(report)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -1,4 +1,4 @@
-"""What the row-per-rank buffer costs as groups grow (issue 14, part 4).
+"""What the row-per-rank buffer costs as groups grow.
 
     python scripts/bench_scale.py table            # bytes per layer per pass, P 2..4096, C 64..2048
     mpiexec -n 4 python -m mpi4py scripts/bench_scale.py measure --label shm >> scale.jsonl

@@ -4,7 +4,10 @@ Every number the docs quote from a program is preceded by an HTML comment
 (invisible when rendered) that names the command producing it and what
 the quote must satisfy. tests/test_docs_numbers.py runs the commands and
 checks; ``python tests/docs_markers.py [FILE...]`` does the same by hand
-and prints every check, passing or not.
+and prints every check, passing or not; ``python tests/docs_markers.py
+--update FILE...`` rewrites every ``block exact`` quote in the files with
+its command's output now (after a new benchmark run, say), and leaves the
+other checks for the run without ``--update`` to judge.
 
 Grammar (one comment; parts separated by new lines or by `` | ``)::
 
@@ -172,21 +175,38 @@ def parse_check(text, where):
 def _quote(text, start):
     """The fenced block or paragraph after position start (skipping blank lines
     and further markers): (quote, fenced)."""
-    rest = text[start:]
+    quote, fenced, _ = _quote_span(text, start)
+    return quote, fenced
+
+
+def _quote_span(text, start):
+    """As _quote, and where the quote's lines lie in text: (quote, fenced, span).
+
+    span is (first, end, prefix): the quote's lines are text[first:end], each
+    written with prefix before it (the fence's indentation, or four spaces
+    for an indented block); None for a paragraph."""
+    pos = start
     while True:
-        stripped = rest.lstrip()
-        if stripped.startswith("<!--"):
-            rest = stripped[stripped.index("-->") + 3:]
+        skipped = len(text[pos:]) - len(text[pos:].lstrip())
+        if text.startswith("<!--", pos + skipped):
+            pos = text.index("-->", pos + skipped) + 3
             continue
         break
-    rest = rest.lstrip("\n")
-    lines = rest.split("\n")
+    while pos < len(text) and text[pos] == "\n":
+        pos += 1
+    # pos: the start of the quote's first line (after the marker's own line end)
+    lines = text[pos:].split("\n")
+    offsets, at = [], pos
+    for line in lines:
+        offsets.append(at)
+        at += len(line) + 1
     if lines and lines[0].lstrip().startswith("```"):
         indent = lines[0][:len(lines[0]) - len(lines[0].lstrip())]
         body = []
-        for line in lines[1:]:
+        for k, line in enumerate(lines[1:], 1):
             if line.strip().startswith("```"):
-                return "\n".join(body), True
+                first, end = offsets[1], offsets[k]
+                return "\n".join(body), True, (first, end, indent)
             body.append(line[len(indent):] if line.startswith(indent) else line)
         raise ValueError("unterminated code block")
     if lines and lines[0].startswith("    "):
@@ -198,7 +218,9 @@ def _quote(text, start):
             if not line.strip() and not any(m.startswith("    ") for m in lines[k + 1:k + 2]):
                 break
             body.append(line[4:])
-        return "\n".join(body).rstrip("\n"), True
+        quote = "\n".join(body).rstrip("\n")
+        count = len(quote.split("\n"))
+        return quote, True, (offsets[0], offsets[count] if count < len(offsets) else len(text), "    ")
     para = []
     for k, line in enumerate(lines):
         if not line.strip():
@@ -207,7 +229,7 @@ def _quote(text, start):
             if not (para and nxt[:1].isspace()):
                 break
         para.append(line)
-    return "\n".join(para), False
+    return "\n".join(para), False, None
 
 
 def _in_code(text, pos):
@@ -441,7 +463,63 @@ def unmet_requirement(marker):
     return None
 
 
+def _elided(quote):
+    return any(line.strip() == "..." or line.rstrip().endswith("...") for line in quote.split("\n"))
+
+
+def update(paths):
+    """Rewrite each ``block exact`` quote in the files with its command's output now.
+
+    For quotes of measurements saved in a file (``mpibn bench --grid
+    --report docs/performance-grid.json``): after a new run, one command
+    brings the text up to date. Quotes with ``...`` elisions, other checks
+    (claims, values, tolerances) and markers whose requirement this machine
+    lacks are left as they are and listed; run ``python
+    tests/docs_markers.py`` after to see that every check still holds."""
+    failed = 0
+    for path in [os.path.abspath(p) for p in paths]:
+        rel = os.path.relpath(path, ROOT)
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        edits = []
+        for marker, m in zip(markers_in(path), (m for m in MARKER.finditer(text)
+                                                 if not _in_code(text, m.start()))):
+            if not any(c.kind == "block" and c.text.split()[1:] == ["exact"] for c in marker.checks):
+                continue
+            if _elided(marker.quote):
+                print(f"kept {marker.id}  (its block elides lines with '...')")
+                continue
+            if unmet_requirement(marker):
+                print(f"kept {marker.id}  ({unmet_requirement(marker)})")
+                continue
+            try:
+                out = output(marker).rstrip("\n")
+            except (AssertionError, subprocess.TimeoutExpired) as exc:
+                print(f"FAIL {marker.id}  {exc}")
+                failed += 1
+                continue
+            first, end, prefix = _quote_span(text, m.end())[2]
+            new = "".join((prefix + line if line else "") + "\n" for line in out.split("\n"))
+            if new != text[first:end]:
+                edits.append((first, end, new))
+                print(f"new  {marker.id}  {marker.command}")
+            else:
+                print(f"same {marker.id}  {marker.command}")
+        for first, end, new in sorted(edits, reverse=True):
+            text = text[:first] + new + text[end:]
+        if edits:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+            print(f"wrote {rel}")
+    return 1 if failed else 0
+
+
 def main(paths):
+    if paths[:1] == ["--update"]:
+        if not paths[1:]:
+            print("usage: python tests/docs_markers.py --update FILE...", file=sys.stderr)
+            return 2
+        return update(paths[1:])
     failed = 0
     for marker in all_markers([os.path.abspath(p) for p in paths] or None):
         problems = [p for p in [text_problems(marker)] if p]

@@ -12,6 +12,10 @@ satisfy (grammar: tests/docs_markers.py; how to use it: docs/layout.md,
 * in the pages a newcomer reads (README, api, derivation, examples,
   layout), a number that looks measured but has no marker fails, unless it
   is listed below as a definition, a default or an identifier;
+* on every page, a timing outside a marker's quote fails, unless it is a
+  parameter of the run it describes (``TIMING_PARAMETERS``);
+* ``python tests/docs_markers.py --update FILE`` rewrites exactly the
+  ``block exact`` quotes with their commands' output;
 * the README's ten-line example runs on 4 ranks and does what it says.
 """
 import os
@@ -95,6 +99,31 @@ def test_the_conformance_page_is_the_rendering_of_its_measurements():
         page = f.read()
     assert page == report.render(os.path.join(ROOT, "docs", "conformance")), \
         "docs/conformance.md is not what python scripts/conformance/report.py renders"
+
+
+@pytest.mark.system
+@not_under_mpiexec
+@pytest.mark.timeout(300)
+def test_the_recorded_peer_table_has_todays_mpibn_column(tmp_path):
+    # docs/golden-peers.txt (ground-truth.md's PyTorch and Flax table) is a
+    # recorded run: the torch and Flax columns need those frameworks, but the
+    # mpibn-default column is this code's, and must go red when a kernel
+    # change moves its last bits. Re-record: the commands in ground-truth.md,
+    # "PyTorch and Flax against the golden set", then the compare.py command
+    # of the marker above the table, into docs/golden-peers.txt.
+    for out, extra in (("golden", []), ("mpibn-default", ["--no-exact"])):
+        run = subprocess.run([sys.executable, "-m", "mpibn", "golden", "--out", str(tmp_path / out), *extra],
+                             cwd=ROOT, capture_output=True, text=True, timeout=240)
+        assert run.returncode == 0, run.stderr[-2000:]
+    with open(os.path.join(ROOT, "docs", "golden-peers.txt"), encoding="utf-8") as f:
+        recorded = [line.split(" | ")[:3] for line in f.read().splitlines()[2:]]
+    scenarios = ",".join(dict.fromkeys(row[0].lstrip("| ") for row in recorded))
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "adapters", "compare.py"),
+                          str(tmp_path / "golden"), f"mpibn-default={tmp_path / 'mpibn-default'}",
+                          "--scenarios", scenarios], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    live = [line.rstrip(" |").split(" | ")[:3] for line in run.stdout.splitlines()[2:]]
+    assert live == recorded, "docs/golden-peers.txt's mpibn-default column is not today's"
 
 
 # -- the checker fails when it should ------------------------------------------------------
@@ -237,6 +266,91 @@ def test_markers_shown_as_code_are_examples_not_checks(tmp_path):
     assert D.markers_in(str(path)) == []
 
 
+def test_update_rewrites_exact_blocks_with_fresh_output_and_nothing_else(tmp_path, capsys):
+    # python tests/docs_markers.py --update FILE: after a new benchmark run,
+    # one command brings every `block exact` quote up to date.
+    cmd = "python -c \"print('grid 1.98'); print(); print('bars 2')\""
+    page = tmp_path / "page.md"
+    page.write_text(textwrap.dedent(f"""\
+        Intro 0.5.
+
+        <!-- output: {cmd} | block exact | measured-by: the bench -->
+        ```
+        grid 2.55
+        bars 1
+        ```
+
+        Between.
+
+          <!-- output: {cmd}
+               block exact -->
+
+            grid 9
+
+        <!-- output: {cmd} | block exact -->
+        ```
+        grid 1.98
+        ...
+        ```
+
+        <!-- output: {cmd} | block abs 1 -->
+        ```
+        grid 2.5
+
+        bars 2
+        ```
+        The end.
+        """))
+    before = page.read_text()
+    assert D.main(["--update", str(page)]) == 0
+    after = page.read_text()
+    fenced, indented, elided, tolerant = D.markers_in(str(page))
+    assert fenced.quote == "grid 1.98\n\nbars 2"
+    assert indented.quote == "grid 1.98\n\nbars 2" and "\n    grid 1.98\n\n    bars 2\n" in after
+    assert elided.quote == "grid 1.98\n..." and tolerant.quote == "grid 2.5\n\nbars 2"   # kept
+    for m in (fenced, indented, elided, tolerant):
+        assert _problems(m, D.output(m)) == [], m.id
+    # Only the two quotes changed: the text around them is as it was.
+    assert after.replace("grid 1.98\n\nbars 2", "Q").replace("grid 1.98\n\n    bars 2", "Q") == \
+        before.replace("grid 2.55\nbars 1", "Q").replace("grid 9", "Q")
+    assert D.main(["--update", str(page)]) == 0 and page.read_text() == after       # idempotent
+    assert "same" in capsys.readouterr().out
+
+
+def test_update_fails_on_a_command_that_fails(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("<!-- output: python -c \"raise SystemExit(3)\" | block exact -->\n```\nold\n```\n")
+    assert D.main(["--update", str(page)]) == 1
+    assert "old" in page.read_text()
+
+
+def test_the_grid_report_applies_todays_bars_to_a_saved_run(tmp_path):
+    # What README.md and performance.md quote: the verdicts come from the
+    # code's bars, not from the JSON, so a changed bar changes the quote.
+    import json
+    from mpibn.cli.bench import grid
+
+    def c(shape, dtype, ratio, us=100.0):
+        return {"shape": list(shape), "dtype": dtype, "ratio": ratio, "mpibn_s": us * 1e-6,
+                "torch_s": us * 1e-6 / ratio if ratio else None, "floor_s": None, "plan": "whole"}
+    cells = [c((2, 4, 3, 3), "float32", 0.9), c((2, 4, 3, 3), "float64", 1.2), c((16, 8), "float32", 4.0),
+             c((16, 8), "float16", None)]
+    path = tmp_path / "performance-grid.json"
+    path.write_text(json.dumps({"command": "mpibn bench --grid", "numpy": "2", "torch": "2", "threads": 1,
+                                "rounds_best_of": 3, "clock": "cpu", "cpus": 2, "loadavg_before": [1.0],
+                                "loadavg_after": [2.0], "blas": [], "cells": cells, "bars": []}))
+    bars = grid.saved_report(str(path), verdicts_only=True)
+    assert bars[0].startswith("bars") and len(bars) == 1 + len(grid.verdicts(cells))
+    assert "(at most 1.0 x: holds)" in bars[-1]                         # the tiny layer at 0.9
+    assert "worst cell (16, 8) float32" in bars[3] and "MISSED by 14 %" in bars[3]   # 4.0 against 3.5
+    assert "cells above 3.5x" in bars[4] and bars[4].endswith("MISSED by 1 cell)")
+    full = grid.saved_report(str(path))
+    assert "BLAS kernel not recorded" in full[0] and full[-len(bars):] == bars
+    assert any("n/a (100 us)" in line for line in full)                 # a cell torch could not run
+    assert grid.bar_verdict(2.0, 1.0, "x") == "MISSED by 100 %" and grid.bar_verdict(3, 0, "cells") == \
+        "MISSED by 3 cells" and grid.bar_verdict(0.5, 1.0, "x") == "holds"
+
+
 # -- unmarked numbers in the pages a newcomer reads --------------------------------------
 
 # Numbers that look measured but are not outputs of a program: definitions,
@@ -269,6 +383,43 @@ def test_no_unmarked_measurement_in_the_teaching_pages(path):
     unmarked = found - set(NOT_OUTPUTS[path])
     assert not unmarked, f"{path}: numbers with no marker: {sorted(unmarked)}"
     assert not set(NOT_OUTPUTS[path]) - found, "stale entries in NOT_OUTPUTS"
+
+
+# Timings in any page: a time (ms, us, ns, or seconds with a decimal) outside
+# a marker's quote is a measurement nobody re-checks, unless it is a
+# parameter of the run it describes (listed here).
+TIMING = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?:-\d+(?:\.\d+)?)?\s?(?:ms|us|µs|ns)\b"
+                    r"|(?<![\w.])\d+\.\d+(?:-\d+(?:\.\d+)?)? s\b")
+TIMING_PARAMETERS = {
+    "docs/performance.md": {"2 ms": "a batch of calls per timed sample (SAMPLE_S)"},
+    "docs/reliability.md": {
+        "2.5 s": "how late the test makes a rank", "20 ms": "the dead-rank test's polling interval",
+        "0.2 s": "when the test cuts the link", "0.5 s": "how late the test makes host1"},
+}
+
+
+def _prose(path):
+    """The page without marker quotes, comments, code blocks and indented code."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    for marker in D.markers_in(path):
+        text = text.replace(marker.quote, "")
+    text = re.sub(r"<!--.*?-->", "", text, flags=re.S)
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    return "\n".join(line for line in text.split("\n") if not line.startswith("    "))
+
+
+@pytest.mark.parametrize("path", [os.path.relpath(p, ROOT) for p in D.doc_files()])
+def test_no_unmarked_timing_in_any_page(path):
+    found = set(TIMING.findall(_prose(os.path.join(ROOT, path))))
+    allowed = TIMING_PARAMETERS.get(path, {})
+    assert not found - set(allowed), f"{path}: timings with no marker: {sorted(found - set(allowed))}"
+    assert not set(allowed) - found, f"stale entries in TIMING_PARAMETERS[{path!r}]"
+
+
+def test_the_timing_rule_sees_timings():
+    assert TIMING.findall("took 3.2 s, then 0.74 ms and 61 us; 2-3 ms; a 3 s deadline") == \
+        ["3.2 s", "0.74 ms", "61 us", "2-3 ms"]
 
 
 # -- the README's ten lines ------------------------------------------------------------------

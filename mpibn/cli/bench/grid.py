@@ -30,7 +30,11 @@ core (``MPI_SETTINGS``).
 
 Results: ``performance-grid.json`` and the heat map ``performance-grid.png``
 of the ratios mpibn / torch, in ``--out`` (as ``mpibn bench``); the bars
-of the issue are checked and printed; a progress line goes to stderr.
+(the project's performance targets) are checked and printed; a progress
+line goes to stderr. ``mpibn bench --grid --report performance-grid.json``
+prints a saved run's table of ratios and each bar's verdict (times
+nothing; ``--verdicts-only``: the verdicts alone), which
+docs/performance.md and the README quote.
 """
 import json
 import math
@@ -49,7 +53,7 @@ SHAPES = ([(n, c) for n in (2, 16, 256) for c in (8, 256, 1024)]
 DTYPES = ("float16", "float32", "float64")
 SMOKE_SHAPES = [(2, 3), (2, 2, 3, 3)]
 TINY = ((2, 4, 3, 3), "float32")
-# Bars of issue 20, ratios mpibn / torch in the same run: the geometric mean over
+# The project's performance targets, ratios mpibn / torch in the same run: the geometric mean over
 # the float32 and float64 cells, over the float64 cells alone, the worst
 # float32/float64 cell, and the tiny layer's own ratio (a ratio, not
 # microseconds: the machine's load moves absolute times 2x).
@@ -127,7 +131,7 @@ def _geomean(cells):
 
 
 def verdicts(cells):
-    """The issue's bars on this run's cells: [(what, value, limit, unit)]."""
+    """The bars (performance targets) on this run's cells: [(what, value, limit, unit)]."""
     both = [c for c in cells if c["dtype"] in ("float32", "float64") and c["ratio"] is not None]
     doubles = [c for c in both if c["dtype"] == "float64"]
     out = []
@@ -236,6 +240,32 @@ def mpi_part(counts, rounds):
 
 # -- the run ----------------------------------------------------------------------------
 
+def bar_verdict(value, limit, unit):
+    """'holds', or 'MISSED' with by how much (a percentage of the bar, or a count)."""
+    if value <= limit:
+        return "holds"
+    if unit == "cells":
+        return f"MISSED by {value - limit:g} cell{'s' if value - limit != 1 else ''}"
+    return f"MISSED by {100 * (value / limit - 1):.0f} %"
+
+
+def bar_lines(checks):
+    """One line per bar: what, this run's value, the bar and the verdict."""
+    return [f"  {what:52s} {value:8d}  (at most {limit} {unit}: {bar_verdict(value, limit, unit)})"
+            if unit == "cells" else
+            f"  {what:52s} {value:8.2f}  (at most {limit} {unit}: {bar_verdict(value, limit, unit)})"
+            for what, value, limit, unit in checks]
+
+
+def mpi_lines(runs):
+    lines = ["tiny layer (2, 4, 3, 3) float32 per fwd+bwd call, slowest rank, us:"]
+    for r in runs:
+        lines.append(f"  -n {r['ranks']} {r['setting']:>17}: synced {r['synced'] * 1e6:8.1f}, alone "
+                     f"{r['alone'] * 1e6:8.1f}, Allreduce of the layer's {r['buffer_values']} values "
+                     f"{r['allreduce'] * 1e6:7.1f}, of 1 value {r['allreduce_1'] * 1e6:7.1f}")
+    return lines
+
+
 def report_lines(cells, runs, checks):
     lines = [f"{'shape':>18} {'dtype':>8} | {'mpibn us':>10} {'torch us':>10} {'ratio':>6} | "
              f"{'floor us':>9} {'/floor':>6} | plan"]
@@ -248,15 +278,61 @@ def report_lines(cells, runs, checks):
         lines.append(f"{str(tuple(c['shape'])):>18} {c['dtype']:>8} | {c['mpibn_s'] * 1e6:10.1f} "
                      f"{torch_us} {ratio} | {floor} | {c['plan']}")
     if runs:
-        lines += ["", "tiny layer (2, 4, 3, 3) float32 per fwd+bwd call, slowest rank, us:"]
-        for r in runs:
-            lines.append(f"  -n {r['ranks']} {r['setting']:>17}: synced {r['synced'] * 1e6:8.1f}, alone "
-                         f"{r['alone'] * 1e6:8.1f}, Allreduce of the layer's {r['buffer_values']} values "
-                         f"{r['allreduce'] * 1e6:7.1f}, of 1 value {r['allreduce_1'] * 1e6:7.1f}")
-    lines += ["", "bars:"]
-    for what, value, limit, unit in checks:
-        lines.append(f"  {what:52s} {value:8.2f}  (at most {limit} {unit}: "
-                     f"{'holds' if value <= limit else 'MISSED'})")
+        lines += [""] + mpi_lines(runs)
+    lines += ["", "bars:"] + bar_lines(checks)
+    return lines
+
+
+def ratio_table(cells):
+    """The grid as shapes x dtypes, each cell 'ratio (mpibn us / torch us)'."""
+    shapes = list(dict.fromkeys(tuple(c["shape"]) for c in cells))
+    dtypes = list(dict.fromkeys(c["dtype"] for c in cells))
+    at = {(tuple(c["shape"]), c["dtype"]): c for c in cells}
+
+    def text(c):
+        if c is None:
+            return "-"
+        if c["ratio"] is None:
+            return f"n/a ({c['mpibn_s'] * 1e6:.0f} us)"
+        return f"{c['ratio']:.2f} ({c['mpibn_s'] * 1e6:.0f} / {c['torch_s'] * 1e6:.0f})"
+    rows = [["shape"] + dtypes] + [[str(s)] + [text(at.get((s, d))) for d in dtypes] for s in shapes]
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+    lines = [" | ".join(f"{v:>{w}}" for v, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return lines
+
+
+def kernel(report):
+    """'OpenBLAS 0.3.31 SkylakeX' from a report's threadpoolctl record, or what there is."""
+    for lib in report.get("blas") or []:
+        if isinstance(lib, dict) and lib.get("internal_api") == "openblas":
+            version = ".".join(str(lib.get("version") or "?").split(".")[:3])
+            return f"OpenBLAS {version} {lib.get('architecture', '?')} kernel"
+    return "BLAS kernel not recorded"
+
+
+def saved_report(path, verdicts_only=False):
+    """``mpibn bench --grid --report PATH``: the table and the verdicts of a saved run.
+
+    The verdicts are this code's bars applied to the saved cells, so a bar
+    that changes changes the report (and the docs that quote it)."""
+    with open(path, encoding="utf-8") as f:
+        report = json.load(f)
+    cells, runs = report["cells"], report.get("mpi_tiny_layer") or []
+    checks = verdicts(cells)
+    if verdicts_only:
+        return ["bars (mpibn / torch, the project's performance targets):"] + bar_lines(checks)
+    load = report.get("loadavg_before", [float("nan")])[0], report.get("loadavg_after", [float("nan")])[0]
+    lines = [f"`{report['command']}`: NumPy {report['numpy']}, torch {report['torch']}, {kernel(report)}, "
+             f"{report['threads']} thread",
+             f"best of {report['rounds_best_of']} rounds, {report['clock']} clock, "
+             f"load average {load[0]:.1f} before, {load[1]:.1f} after, {report['cpus']} CPUs",
+             "",
+             "mpibn / torch, training forward + backward (mpibn us / torch us):"]
+    lines += ratio_table(cells)
+    if runs:
+        lines += [""] + mpi_lines(runs)
+    lines += ["", "bars (mpibn / torch, the project's performance targets):"] + bar_lines(checks)
     return lines
 
 

@@ -5,6 +5,8 @@
     mpibn bench --quick          # fewer repeats, for a first look
     mpibn bench --smoke          # tiny shapes, no MPI, no torch: checks that it runs
     mpibn bench --grid           # mpibn / torch over shapes x dtypes (mpibn/cli/bench/grid.py)
+    mpibn bench --report docs/performance.json               # a saved run's table and bars
+    mpibn bench --grid --report docs/performance-grid.json   # a saved grid's table and verdicts
 
 For each shape it times, in the same process and interleaved (one repeat
 of each candidate in turn, so that load from other programs hits all of
@@ -77,6 +79,10 @@ def parse(argv, prog="mpibn bench"):
     p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                    help="--grid cells: CPU time of the process (default; other programs' load does not "
                         "count) or wall time")
+    p.add_argument("--report", default=None, metavar="JSON",
+                   help="print the table and the bars' verdicts of a saved performance.json (with --grid: "
+                        "performance-grid.json); times nothing")
+    p.add_argument("--verdicts-only", action="store_true", help="with --report: the bars' verdicts alone")
     p.add_argument("--out", default=None,
                    help="folder for performance.json / performance.png (default: the current directory; "
                         "--smoke: a new temporary directory; --out docs refreshes the committed numbers)")
@@ -217,8 +223,22 @@ def table(results, scaling):
     return "\n".join(lines)
 
 
+def bar_lines(checks):
+    return [f"  {what:48s} {value:6.2f}  (at most {limit}: {'holds' if value <= limit else 'MISSED'})"
+            for what, value, limit in checks]
+
+
+def saved_table(path):
+    """``mpibn bench --report performance.json``: a saved run's table, then its bars
+    (today's bars applied to the saved numbers)."""
+    with open(path, encoding="utf-8") as f:
+        report = json.load(f)
+    results, scaling = report["results"], report["weak_scaling"]
+    return [table(results, scaling), "", "bars:"] + bar_lines(bars(results, scaling))
+
+
 def bars(results, scaling):
-    """The issue's bars, checked on this run's numbers: [(what, value, limit)]."""
+    """The bars (performance targets), checked on this run's numbers: [(what, value, limit)]."""
     out = []
     main = next((r for r in results if r["shape"] == [32, 64, 56, 56] and r["dtype"] == "float32"), None)
     if main:
@@ -292,7 +312,11 @@ def main(argv=None, prog="mpibn bench"):
 def _main(argv=None, prog="mpibn bench"):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv, prog)
-    from .grid import OPENBLAS_VARS, run_grid
+    from .grid import OPENBLAS_VARS, run_grid, saved_report
+    if args.report:
+        print("\n".join(saved_report(args.report, args.verdicts_only) if args.grid
+                        else saved_table(args.report)))
+        return 0
     # The grid also runs without OpenBLAS settings of the environment (its process only).
     unset = OPENBLAS_VARS if args.grid else ()
     if not pinned(args.threads) or any(var in os.environ for var in unset):
@@ -331,8 +355,7 @@ def run_table(args, argv):
     report["bars"] = [{"what": w, "value": v, "limit": lim, "holds": v <= lim} for w, v, lim in bars(results, scaling)]
     print(text)
     print("\nbars:")
-    for b in report["bars"]:
-        print(f"  {b['what']:48s} {b['value']:6.2f}  (at most {b['limit']}: {'holds' if b['holds'] else 'MISSED'})")
+    print("\n".join(bar_lines(bars(results, scaling))))
     print(f"load average before {load[0]:.2f}, after {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     out = args.out or default_out(args.smoke)
     os.makedirs(out, exist_ok=True)
