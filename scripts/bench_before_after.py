@@ -59,10 +59,20 @@ def row_line(r):
             f"{now / tt if tt else float('nan'):10.2f}")
 
 
+# The project's target for a kernel rewrite against c2ef9e9 (the last version whose
+# sums went through BLAS): the geometric mean of before/now at least this.
+TARGET, TARGET_COMMIT = 1.5, "c2ef9e9"
+
+
 def summary_lines(report):
     rows = report["rows"]
     geo = math.exp(sum(math.log(r["before_s"] / r["now_s"]) for r in rows) / len(rows))
-    return [f"geometric mean of before/now over {len(rows)} shapes: {geo:.2f}",
+    verdict = []
+    if report["commit"] == TARGET_COMMIT:
+        held = geo >= TARGET
+        verdict = [f"target: at least {TARGET}x against {TARGET_COMMIT}: "
+                   + ("holds" if held else f"MISSED by {100 * (1 - geo / TARGET):.0f} %")]
+    return [f"geometric mean of before/now over {len(rows)} shapes: {geo:.2f}", *verdict,
             f"before = {report['commit']}, now = {report['now']}; best of {report['repeats']} rounds, "
             f"CPU clock; load average {report['loadavg_before'][0]:.1f} before, "
             f"{report['loadavg_after'][0]:.1f} after"]
