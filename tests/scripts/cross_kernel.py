@@ -20,6 +20,7 @@ SHAPES = {
     "2d": [(6, 5), (3, 5), (0, 5)],
     "4d": [(3, 4, 5, 6), (2, 4, 5, 6)],
     "2d-blocked": [(300, 600)],
+    "2d-wide-rows": [(128, 512), (64, 512)],          # one block each, seen in wide rows (blocks.Wide)
     "4d-blocked": [(40, 8, 24, 24), (8, 8, 24, 24)],
     "4d-one-rank": [(4, 3, 7, 7)],
 }
