@@ -48,17 +48,18 @@ docs/derivation.md, "Accuracy"):
 
 Speed without a lost digit:
 
-* Each function walks its array in cache-sized blocks (``mpibn.blocks``):
-  a block is converted to float64 in a small scratch buffer, the formula is
-  applied there, and the result is rounded once into the output. No
-  full-size float64 temporary exists, so a float32 activation is streamed
-  from memory about once per formula instead of once per operation.
+* Each function walks its array in blocks of at most 2^17 values
+  (``mpibn.blocks``): a block is converted to float64 in a scratch buffer,
+  the formula is applied there, and the result is rounded once into the
+  output. No full-size float64 temporary exists, so a float32 activation
+  is read from memory about once per formula instead of once per operation.
 * Backward keeps x (by reference, no copy), not xhat: a float64 xhat would
   cost twice a float32 input in memory, and an xhat rounded to the input
   dtype would throw away the digits that x - mean in float64 keeps.
   Recomputing x - mean costs one subtraction per value in each backward
-  pass, done in cache; an array of one block forms dy and x - mean once
-  for both backward formulas (``keep``/``kept``).
+  pass, block by block; an array of one block forms dy and x - mean once
+  for both backward formulas, and forward's y reads x as the local moments
+  converted it (``keep``/``kept``).
 
 Shapes: x is (B, C) or (B, C, H, W), B the batch dimension (the API's N;
 here N is the group's count of values). Internally every function works on a
@@ -118,7 +119,7 @@ def batch_norm_stats(x, out=None, keep=False):
     sum_head (x - mean)^2 <= m2, so kappa <= n / n_head <= 16 for any data,
     a factor of at most 17 over the error with the exact mean as shift.
     x is read from memory once (plus the head; an array of one block takes
-    K from the block already converted), one cache-sized block at a time.
+    K from the block already converted), one block at a time.
     The analysis, f(n) for each plan and the measured errors:
     docs/ground-truth.md, "One shard's moments". An empty shard gives
     (0, 0, 0).
@@ -239,7 +240,7 @@ def batch_norm_elemt(x, mean, inv_std, gamma, beta, out_dtype=None, out=None, ke
     x - mean is taken first, in float64: it is exact or nearly so when x is
     close to the mean, which is where a folded ``x*scale + shift`` would
     cancel. Computed as ``(x - mean) * (gamma * inv_std) + beta`` in float64,
-    one cache-sized block at a time, and rounded once into y. Returns y in
+    one block at a time, and rounded once into y. Returns y in
     ``out_dtype`` (default: x's dtype), written into ``out`` when given.
     ``kept``: the fourth value of ``batch_norm_stats(..., keep=True)`` for
     the same x, the call just before on this thread: x is then read as that
