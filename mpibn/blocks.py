@@ -221,15 +221,6 @@ def target(dst, index, scratch, major):
     return scratch
 
 
-def _put(dst, src):
-    """``dst[...] = src``: float64 scratch rounded once into dst's dtype
-    (bfloat16 through ``mpibn.rounding``: ml_dtypes' own cast may round twice)."""
-    if dst.dtype.kind == "V":
-        rounding.store(dst, src)
-    else:
-        dst[...] = src
-
-
 def store(dst, index, src, major):
     """Write scratch ``src`` back into block ``index`` of (B, C, L) ``dst``,
     rounded once to dst's dtype (nothing to do when ``target`` gave the block itself)."""
@@ -237,9 +228,9 @@ def store(dst, index, src, major):
     if not major and dst.dtype == np.float64:
         return
     if major:
-        _put(block.transpose(1, 0, 2), src.reshape(block.shape[1], block.shape[0], block.shape[2]))
+        rounding.store(block.transpose(1, 0, 2), src.reshape(block.shape[1], block.shape[0], block.shape[2]))
     else:
-        _put(block[:, :, 0], src)
+        rounding.store(block[:, :, 0], src)
 
 
 def sums(a, major, out):
@@ -391,10 +382,8 @@ def reduce(sources, k, body, vectors, out, summed=None, keep=False):
         ins = [_load_whole(b, t, src, major) for b, t, src in zip(bufs, targets, sources)]
         if body is None:                # the one source itself is summed
             s = ins[0][None]
-        elif wide is not None and wide.fits(ins):
-            wide.body(body, ins, bufs, wide.vectors(vectors), bufs)
         else:
-            body(ins, bufs, [v[:, None] if major and v is not None else v for v in vectors])
+            _whole_body(body, ins, bufs, vectors, bufs, major, wide)
         return sums(s[summed] if summed else s, major, out)
     p = plan_for(x.shape)
     part = np.empty((k, p.full[1]))
@@ -406,10 +395,8 @@ def reduce(sources, k, body, vectors, out, summed=None, keep=False):
         ins = [load(b, src, index, p.major) for b, src in zip(bufs, sources)]
         if body is None:                # the one source itself is summed
             s = ins[0][None]
-        elif wide is not None and wide.fits(ins):
-            wide.body(body, ins, bufs, tiled, bufs)
         else:
-            body(ins, bufs, _columns(vectors, c, p.major))
+            _block_body(body, ins, bufs, vectors, bufs, c, p.major, wide, tiled)
         if summed:
             s = s[summed]
         if first:
@@ -428,13 +415,31 @@ def _blocked_wide(p, vectors, body):
     rows = _wide_rows(*p.full[:2])
     if rows == 1:
         return None, None
-    key = ("wide", rows, p.shape[1])
-    wide = _POOL.views.get(key) if getattr(_POOL, "views", None) is not None else None
+    views, key = getattr(_POOL, "views", {}), ("wide", rows, p.shape[1])
+    wide = views.get(key)
     if wide is None:
-        wide = Wide(rows, p.shape[1])
-        if getattr(_POOL, "views", None) is not None:
-            _POOL.views[key] = wide
+        wide = views[key] = Wide(rows, p.shape[1])
     return wide, wide.vectors(vectors)
+
+
+def _whole_body(body, ins, outs, vectors, bufs, major, wide):
+    """``body`` on the whole plan's one block: in wide rows when ``wide`` fits
+    every array, else with the (C,) vectors shaped to broadcast ((C, 1) columns
+    over channel-major rows)."""
+    if wide is not None and wide.fits(ins) and wide.fits(outs):
+        wide.body(body, ins, outs, wide.vectors(vectors), bufs)
+    else:
+        body(ins, outs, [v[:, None] if major and v is not None else v for v in vectors])
+
+
+def _block_body(body, ins, outs, vectors, bufs, c, major, wide, tiled):
+    """``body`` on one block of the blocked plan (channels ``c``): in wide rows
+    with the call's ``tiled`` vectors when ``wide`` fits every array, else with
+    the block's columns."""
+    if wide is not None and wide.fits(ins) and wide.fits(outs):
+        wide.body(body, ins, outs, tiled, bufs)
+    else:
+        body(ins, outs, _columns(vectors, c, major))
 
 
 def _load_whole(buf, target, src, major):
@@ -464,12 +469,9 @@ def each(sources, k, body, vectors, dst):
         ins = [_load_whole(b, t, src, major) for b, t, src in zip(bufs, targets, sources)]
         direct = not major and dst.dtype == np.float64
         outs = [dst[:, :, 0], *bufs[1:]] if direct else bufs
-        if wide is not None and wide.fits(ins) and wide.fits(outs):
-            wide.body(body, ins, outs, wide.vectors(vectors), bufs)
-        else:
-            body(ins, outs, [v[:, None] if major and v is not None else v for v in vectors])
+        _whole_body(body, ins, outs, vectors, bufs, major, wide)
         if not direct:
-            _put(dst.transpose(1, 0, 2) if major else dst, targets[0])
+            rounding.store(dst.transpose(1, 0, 2) if major else dst, targets[0])
         return dst
     p = plan_for(x.shape)
     wide, tiled = _blocked_wide(p, vectors, body)
@@ -478,10 +480,7 @@ def each(sources, k, body, vectors, dst):
         ins = [load(b, src, index, p.major) for b, src in zip(bufs, sources)]
         out = target(dst, index, bufs[0], p.major)
         outs = bufs if out is bufs[0] else [out, *bufs[1:]]
-        if wide is not None and wide.fits(ins) and wide.fits(outs):
-            wide.body(body, ins, outs, tiled, bufs)
-        else:
-            body(ins, outs, _columns(vectors, index[1], p.major))
+        _block_body(body, ins, outs, vectors, bufs, index[1], p.major, wide, tiled)
         store(dst, index, bufs[0], p.major)
     return dst
 
@@ -490,11 +489,8 @@ def each_kept(shape, k, body, vectors, dst):
     """``each`` on what ``reduce(..., keep=True)`` left in its k buffers
     for a (B, C, L) array of ``shape`` (one block): nothing is loaded."""
     s, bufs, targets, major, wide = _whole(shape, k, True)
-    if wide is not None:
-        wide.body(body, bufs, bufs, wide.vectors(vectors), bufs)
-    else:
-        body(bufs, bufs, [v[:, None] if major and v is not None else v for v in vectors])
-    _put(dst.transpose(1, 0, 2) if major else dst, targets[0])
+    _whole_body(body, bufs, bufs, vectors, bufs, major, wide)
+    rounding.store(dst.transpose(1, 0, 2) if major else dst, targets[0])
     return dst
 
 
@@ -507,8 +503,9 @@ def shifted_sums(x, head, body, keep=False):
     ``keep=True`` on an array of one block: ``body`` gets three buffers,
     x (float64) in the first, which it leaves as it is, and the two summed
     quantities in the other two; returns (K, sums, kept) with ``kept`` for
-    ``each_kept`` (the shape; None for bigger arrays and float64 2-D ones), so that the next
-    formula on this thread reads x without converting it again."""
+    ``each_kept`` (the shape; None for bigger arrays and float64 2-D ones),
+    so that the next formula on this thread reads x without converting it
+    again."""
     num, channels, length = x.shape
     out = np.empty((2, channels))
     # (a float64 2-D array is read in place, never loaded: nothing to keep)
@@ -530,10 +527,7 @@ def shifted_sums(x, head, body, keep=False):
     else:
         sums(ins[0][None, :head], False, shift[None])
     shift /= float(head * length)
-    if wide is not None and wide.fits(ins):
-        wide.body(body, ins, bufs, wide.vectors([shift]), bufs)
-    else:
-        body(ins, bufs, [shift[:, None] if major else shift])
+    _whole_body(body, ins, bufs, [shift], bufs, major, wide)
     if kept:
         return shift, sums(s[1:], major, out), x.shape
     sums(s, major, out)
