@@ -535,11 +535,8 @@ class RowExchange:
                 group._summed[:self.summed_width] = np.ravel(summed)
         # The rows alone when the group has no summed region (the same memory).
         group.allreduce_sum(group._flat if group._summed.size else buf, tag)
-        # A peer stopped the group while this rank was late: its result is not
-        # used. (Only debug mode hears stop notices, and only a failure stops
-        # a group: otherwise there is nothing to check, and no call is made.)
-        if group.failure is not None or group.debug_timeout is not None:
-            check_alive(group, context)
+        # A peer stopped the group while this rank was late: its result is not used.
+        check_alive(group, context)
         # Cheap tests first (this is every call's path); the functions build the
         # messages, and an error with the ranks out of step stops the group.
         tags = buf[:, TAG] if group.size > 1 else None
