@@ -1,8 +1,13 @@
-"""Shared by the peer adapters' tests: a clean environment for child jobs and
-a small golden set written by mpibn under its own mpiexec."""
+"""Shared by the peer adapters' tests: a clean environment for child jobs,
+a small golden set written by mpibn under its own mpiexec, and reading an
+adapter's results back (verdicts, one rank's arrays)."""
 import os
 import subprocess
 import sys
+
+import numpy as np
+
+from mpibn.verify import verify
 
 
 def clean_env(**extra):
@@ -32,3 +37,15 @@ def run_without(module, command, tmp_path):
     (hide / f"{module}.py").write_text("raise ImportError('hidden for the test')\n")
     return subprocess.run(command, capture_output=True, text=True, timeout=120,
                           env=clean_env(PYTHONPATH=str(hide)))
+
+
+def verdicts(golden, results):
+    """{(scenario, quantity): 'pass' / 'FAIL' / ...}: ``mpibn verify``'s verdict column."""
+    rows, _ = verify(golden, results, skip_missing=True)
+    return {(r[0], r[1]): r[6] for r in rows}
+
+
+def load_rank(out, name, rank):
+    """One rank's arrays of scenario ``name`` in a results folder."""
+    with np.load(os.path.join(out, name, f"rank{rank}.npz")) as npz:
+        return {k: npz[k] for k in npz.files}

@@ -12,7 +12,7 @@ import pytest
 from mpi4py import MPI
 
 from mpibn import golden as G
-from mpibn.verify import verify
+from peers_support import verdicts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ADAPTERS = os.path.join(ROOT, "scripts", "adapters")
@@ -34,11 +34,6 @@ def run_adapter(script, golden, out, *extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_", "MPI_"))}
     return subprocess.run([sys.executable, os.path.join(ADAPTERS, script), golden, out, *extra],
                           capture_output=True, text=True, timeout=300, env=env)
-
-
-def verdicts(golden, results):
-    rows, _ = verify(golden, results, skip_missing=True)
-    return {(r[0], r[1]): r[6] for r in rows}
 
 
 @pytest.mark.skipif(not have("torch"), reason="torch not installed (pip install 'mpibn[torch]')")

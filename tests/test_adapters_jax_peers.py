@@ -13,9 +13,8 @@ import sys
 import numpy as np
 import pytest
 from mpi4py import MPI
-from peers_support import clean_env, run_without, write_golden
+from peers_support import clean_env, load_rank, run_without, verdicts, write_golden
 
-from mpibn.verify import verify
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ADAPTERS = os.path.join(ROOT, "scripts", "adapters")
@@ -40,16 +39,6 @@ def run(script, golden, out, *extra):
                           capture_output=True, text=True, timeout=600, env=clean_env())
 
 
-def verdicts(golden, results):
-    rows, _ = verify(golden, results, skip_missing=True)
-    return {(r[0], r[1]): r[6] for r in rows}
-
-
-def rank(out, name, r):
-    with np.load(os.path.join(out, name, f"rank{r}.npz")) as f:
-        return {k: f[k] for k in f.files}
-
-
 @pytest.mark.skipif(not have("jax", "haiku", "jmp"), reason="dm-haiku not installed (pip install 'mpibn[haiku]')")
 def test_haiku_synchronises_equal_shards_and_groups_and_turns_nan_at_large_offsets(golden_dir, tmp_path):
     out = str(tmp_path / "haiku")
@@ -64,7 +53,7 @@ def test_haiku_synchronises_equal_shards_and_groups_and_turns_nan_at_large_offse
         assert "no mask" in json.load(f)["uneven"]       # pmap needs one shape; no mask argument
     # The defect of reports/haiku-negative-variance-nan.md: E[x^2] - E[x]^2 with no clamp goes
     # negative at mean 1e5, and y is NaN. If Haiku fixes it, this fails: update the report.
-    f = rank(out, "float32_offset", 0)
+    f = load_rank(out, "float32_offset", 0)
     assert (f["batch_var"] < 0).any() and np.isnan(f["y"]).any()
 
 
@@ -80,7 +69,7 @@ def test_equinox_two_pass_statistics_are_accurate_even_at_large_offsets(golden_d
     with open(os.path.join(out, "unsupported.json")) as f:
         skipped = json.load(f)
     assert "no process groups" in skipped["groups_even"] and "uneven" in skipped
-    g, f = rank(golden_dir, "float32_offset", 0), rank(out, "float32_offset", 0)
+    g, f = load_rank(golden_dir, "float32_offset", 0), load_rank(out, "float32_offset", 0)
     # two passes in float32: the variance to float32's limit at mean 1e5 (1e-3), not lost
     assert np.abs(f["batch_var"] - g["batch_var"]).max() <= 1e-3 * g["batch_var"].max()
 
@@ -97,14 +86,14 @@ def test_nnx_matches_linen_conventions_and_masks_uneven_shards(golden_dir, tmp_p
     # uneven shards run (mask), with Flax's mean of per-device statistics: off (convention)
     assert v[("uneven", "y")] == "FAIL" and v[("eval", "y")] == "pass"
     # the default use_fast_variance=True loses the variance at mean 1e5 (documented trade-off)
-    g, f = rank(golden_dir, "float32_offset", 0), rank(out, "float32_offset", 0)
+    g, f = load_rank(golden_dir, "float32_offset", 0), load_rank(out, "float32_offset", 0)
     assert np.abs(f["batch_var"] - g["batch_var"]).max() > 10 * g["batch_var"].max()
     # the no-mask path gives the same numbers on equal shards, to float32 rounding (the masked
     # reduction sums in another order)
     out2 = str(tmp_path / "nnx-nomask")
     r = run("nnx_adapter.py", golden_dir, out2, "--path", "nomask", "--scenarios", "even")
     assert r.returncode == 0, r.stdout + r.stderr
-    a, b = rank(out2, "even", 1)["y"], rank(out, "even", 1)["y"]
+    a, b = load_rank(out2, "even", 1)["y"], load_rank(out, "even", 1)["y"]
     assert np.abs(a - b).max() <= 32 * np.finfo(np.float32).eps * np.abs(b).max()
 
 

@@ -13,11 +13,10 @@ import sys
 
 import numpy as np
 import pytest
-from peers_support import clean_env, run_without, write_golden
+from peers_support import clean_env, load_rank, run_without, verdicts, write_golden
 from mpi4py import MPI
 
 from mpibn import golden as G
-from mpibn.verify import verify
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ADAPTER = os.path.join(ROOT, "scripts", "adapters", "keras_adapter.py")
@@ -38,16 +37,6 @@ def golden_dir(tmp_path_factory):
 def run_adapter(golden, out, version, *extra):
     return subprocess.run([sys.executable, ADAPTER, golden, out, "--keras", version, *extra],
                           capture_output=True, text=True, timeout=600, env=clean_env())
-
-
-def verdicts(golden, results):
-    rows, _ = verify(golden, results, skip_missing=True)
-    return {(r[0], r[1]): r[6] for r in rows}
-
-
-def load_rank(out, name, rank):
-    with np.load(os.path.join(out, name, f"rank{rank}.npz")) as npz:
-        return {k: npz[k] for k in npz.files}
 
 
 def biased_moving_var(golden, name, rank, momentum=0.9):
