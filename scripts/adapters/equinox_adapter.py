@@ -29,7 +29,6 @@ statistic). Parameters and state are float32 (float64 for float64 input).
 
 Needs jax and equinox (the ``equinox`` extra: ``pip install 'mpibn[equinox]'``).
 """
-import argparse
 import os
 import sys
 
@@ -108,12 +107,7 @@ def moving(jnp, bn, state, path, momentum):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("golden")
-    parser.add_argument("out")
-    parser.add_argument("--path", choices=["batch", "ema"], default="batch")
-    parser.add_argument("--scenarios", help="comma-separated subset (default: all)")
-    args = parser.parse_args(argv)
+    args = J.parser(__doc__, ["batch", "ema"]).parse_args(argv)
     jax, jnp, manifest, data = J.start(args.golden, "equinox")
     try:
         import equinox as eqx

@@ -32,7 +32,6 @@ compute=float32,output=<input dtype>"))``, the recipe of Haiku's docs).
 
 Needs jax and dm-haiku (the ``haiku`` extra: ``pip install 'mpibn[haiku]'``).
 """
-import argparse
 import os
 import sys
 
@@ -117,12 +116,7 @@ def run_scenario(jax, jnp, hk, jmp, s, ranks, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("golden")
-    parser.add_argument("out")
-    parser.add_argument("--path", choices=["default", "test_local_stats"], default="default")
-    parser.add_argument("--scenarios", help="comma-separated subset (default: all)")
-    args = parser.parse_args(argv)
+    args = J.parser(__doc__, ["default", "test_local_stats"]).parse_args(argv)
     jax, jnp, manifest, data = J.start(args.golden, "haiku")
     try:
         import haiku as hk

@@ -11,6 +11,7 @@ so dx is the gradient of the sum of the ranks' losses and dgamma/dbeta
 each rank's share, as in mpibn. Only NumPy and the standard library at
 import time; jax is imported by ``start``.
 """
+import argparse
 import json
 import os
 import sys
@@ -118,6 +119,18 @@ def collect(s, ranks, steps):
 def storable(a):
     """bfloat16 as float32 (exact; .npz cannot name it), float16/32 as they are."""
     return a.astype(np.float32) if a.dtype.kind == "V" or a.dtype.name == "bfloat16" else a
+
+
+def parser(doc, paths):
+    """The command line of an adapter that ``run_all`` drives: golden, out,
+    --path (one of ``paths``, the first by default) and --scenarios; the
+    caller may add its own options before parsing."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("golden")
+    p.add_argument("out")
+    p.add_argument("--path", choices=list(paths), default=paths[0])
+    p.add_argument("--scenarios", help="comma-separated subset (default: all)")
+    return p
 
 
 def run_all(args, manifest, data, run_scenario, header):

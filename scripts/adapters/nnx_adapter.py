@@ -28,7 +28,6 @@ with momentum 0 on the same input in the same step.
 
 Needs jax and flax (the ``nnx`` extra: ``pip install 'mpibn[nnx]'``).
 """
-import argparse
 import os
 import sys
 
@@ -97,12 +96,8 @@ def run_scenario(jax, jnp, nnx, s, ranks, path, fast):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("golden")
-    parser.add_argument("out")
-    parser.add_argument("--path", choices=["mask", "nomask", "call"], default="mask")
+    parser = J.parser(__doc__, ["mask", "nomask", "call"])
     parser.add_argument("--two-pass", action="store_true", help="use_fast_variance=False")
-    parser.add_argument("--scenarios", help="comma-separated subset (default: all)")
     args = parser.parse_args(argv)
     jax, jnp, manifest, data = J.start(args.golden, "nnx")
     try:
