@@ -5,6 +5,8 @@
   the concatenated batch, for small cases.
 * ``plain_batch_norm``: the textbook float64 formulas on the concatenated
   batch (what a student would write), for larger cases.
+* ``fraction_stats`` and ``as_float``: exact mean and variances of values,
+  and their correct rounding to float64 (exact mode's tests).
 """
 from fractions import Fraction
 
@@ -80,3 +82,20 @@ def ulp_distance(a, b):
     ia = np.where(ia < 0, -(ia + top), ia)
     ib = np.where(ib < 0, -(ib + top), ib)
     return np.abs(ia - ib)
+
+
+def fraction_stats(values):
+    """(mean, biased variance, unbiased variance) of ``values``, exact (Fractions)."""
+    xs = [Fraction(float(v)) for v in np.ravel(values)]
+    n = len(xs)
+    mean = sum(xs) / n
+    m2 = sum((v - mean) ** 2 for v in xs)
+    return mean, m2 / n, m2 / (n - 1)
+
+
+def as_float(fraction):
+    """Correctly rounded to float64 (CPython's int / int), +-inf past the largest."""
+    try:
+        return float(fraction)
+    except OverflowError:
+        return float("inf") if fraction > 0 else float("-inf")

@@ -17,24 +17,10 @@ from mpibn import SyncBatchNorm
 from mpibn.sync import sync_batch_norm, sync_batch_norm_backward
 from mpibn.comm import group_of, make_exchange
 from conftest import shard_slices
+from oracle import as_float, fraction_stats
 from simulated import run_group
 
 WORLD = MPI.COMM_WORLD
-
-
-def as_float(fraction):
-    try:
-        return float(fraction)          # correctly rounded (CPython int / int)
-    except OverflowError:
-        return float("inf") if fraction > 0 else float("-inf")
-
-
-def fraction_stats(values):
-    xs = [Fraction(float(v)) for v in np.ravel(values)]
-    n = len(xs)
-    mean = sum(xs) / n
-    m2 = sum((v - mean) ** 2 for v in xs)
-    return mean, m2 / n, m2 / (n - 1)
 
 
 def adversarial(name, n=40, seed=0):

@@ -23,6 +23,7 @@ from mpibn import exact_round as ER
 from mpibn.sync import sync_batch_norm, sync_batch_norm_backward
 from mpibn.comm import make_exchange
 from conftest import shard_slices
+from oracle import as_float, fraction_stats
 from simulated import run_group
 
 
@@ -31,22 +32,6 @@ def frac_sum(values, weights=None):
     if weights is None:
         return sum(xs, Fraction(0))
     return sum((a * Fraction(float(b)) for a, b in zip(xs, np.ravel(weights))), Fraction(0))
-
-
-def frac_stats(values):
-    xs = [Fraction(float(v)) for v in np.ravel(values)]
-    n = len(xs)
-    mean = sum(xs) / n
-    m2 = sum((v - mean) ** 2 for v in xs)
-    return mean, m2 / n, m2 / (n - 1)
-
-
-def rounded(fraction):
-    """Correctly rounded to float64 (CPython's int / int), +-inf past the largest."""
-    try:
-        return float(fraction)
-    except OverflowError:
-        return float("inf") if fraction > 0 else float("-inf")
 
 
 def is_midpoint(fraction):
@@ -73,8 +58,8 @@ def check_stats(x, count=None):
     lin, prod, special = E.exact_sums(x, balanced=True)
     mean, var, unbiased = E.exact_stats(count or x.size // x.shape[1], lin, prod, special)
     for c, col in enumerate(ncl_columns(x)):
-        em, ev, eu = frac_stats(col)
-        assert (mean[c], var[c], unbiased[c]) == (rounded(em), rounded(ev), rounded(eu)), c
+        em, ev, eu = fraction_stats(col)
+        assert (mean[c], var[c], unbiased[c]) == (as_float(em), as_float(ev), as_float(eu)), c
 
 
 def check_backward(dy, x, mean, inv_std):
@@ -84,8 +69,8 @@ def check_backward(dy, x, mean, inv_std):
     mdy, mdx = E.backward_means([n] * x.shape[1], lin, prod, mean, inv_std, special)
     for c, (d, v) in enumerate(zip(ncl_columns(dy), ncl_columns(x))):
         centred = frac_sum(d, v) - Fraction(float(mean[c])) * frac_sum(d)
-        assert mdy[c] == rounded(frac_sum(d) / n), c
-        assert mdx[c] == rounded(Fraction(float(inv_std[c])) * centred / n), c
+        assert mdy[c] == as_float(frac_sum(d) / n), c
+        assert mdx[c] == as_float(Fraction(float(inv_std[c])) * centred / n), c
 
 
 # -- exact sums: every block plan, dtype and path ----------------------------------------
@@ -166,14 +151,14 @@ def test_exact_ties_are_rounded_to_even():
     x = np.zeros((n, 2), np.float32)
     x[0, 0], x[1, 0] = 2.0 ** 24, 2.0 ** -29
     x[0, 1] = 2.0 ** 27 - 1
-    mean, var, _ = frac_stats(x[:, 0])
+    mean, var, _ = fraction_stats(x[:, 0])
     assert is_midpoint(mean)
-    assert is_midpoint(frac_stats(np.array([0.0, 2.0 ** 27 - 1]))[1])
+    assert is_midpoint(fraction_stats(np.array([0.0, 2.0 ** 27 - 1]))[1])
     lin, prod, special = E.exact_sums(x, balanced=True)
     q, ok = ER.round_all([(ER.Digits.from_limbs(lin, E.LIN_BASE), n, None)])
     assert not ok[0]                                        # the tie is not certified ...
     got = E.exact_stats(n, lin, prod, special)
-    assert got[0][0] == rounded(mean) == 2.0 ** 8          # ... and rounds to the even neighbour
+    assert got[0][0] == as_float(mean) == 2.0 ** 8          # ... and rounds to the even neighbour
     two = np.array([[0.0], [2.0 ** 27 - 1]])
     check_stats(two)
 
@@ -189,7 +174,7 @@ def test_midpoint_mean_float64():
         if Fraction(float(last)) != last:
             continue
         x = np.append(head, float(last))[:, None]
-        assert is_midpoint(frac_stats(x)[0])
+        assert is_midpoint(fraction_stats(x)[0])
         check_stats(x)
 
 
